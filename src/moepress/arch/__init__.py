@@ -1,0 +1,25 @@
+"""All architecture knowledge: family specs, the uniform MoE layer view, model-level helpers."""
+
+from .families import FAMILIES, SUPPORTED
+from .model import (
+    UnsupportedArchitecture,
+    decoder_layers,
+    family_of,
+    is_stock_moe_block,
+    layer_view,
+    moe_layer_indices,
+    moe_layer_views,
+    parameter_counts,
+    set_model_expert_count,
+    set_moe_block,
+)
+from .spec import FamilySpec
+from .tiny import tiny_config, tiny_model
+from .view import MoELayerView, Routing, set_expert_count
+
+__all__ = [
+    "FAMILIES", "SUPPORTED", "FamilySpec", "MoELayerView", "Routing", "UnsupportedArchitecture",
+    "decoder_layers", "family_of", "is_stock_moe_block", "layer_view", "moe_layer_indices",
+    "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
+    "set_moe_block", "tiny_config", "tiny_model",
+]

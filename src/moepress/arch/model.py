@@ -1,0 +1,119 @@
+"""Model-level architecture knowledge: which family, where the decoder layers and MoE blocks are."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .families import FAMILIES, SUPPORTED
+from .spec import FamilySpec
+from .view import MoELayerView, set_expert_count
+
+
+class UnsupportedArchitecture(ValueError):
+    """Raised for a model whose family moepress has no adapter for."""
+
+
+def family_of(model_or_config) -> FamilySpec:
+    """The `FamilySpec` of a model or config; a clear error naming the supported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "moepress_base_model_type", None) or getattr(config, "model_type", None)
+    spec = FAMILIES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(
+            f"moepress does not support model_type {model_type!r}. Supported families: "
+            f"{', '.join(SUPPORTED)} (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, gpt-oss)."
+        )
+    return spec
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers (`model.model.layers` for every supported family)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UnsupportedArchitecture(f"cannot find decoder layers on {type(model).__name__}")
+    return layers
+
+
+def is_stock_moe_block(module: nn.Module, spec: FamilySpec) -> bool:
+    """True for the family's own MoE block (fused experts + router), not a dense MLP or a custom block."""
+    experts = getattr(module, "experts", None)
+    return (
+        experts is not None
+        and hasattr(experts, "gate_up_proj")
+        and hasattr(module, spec.router_attr)
+        and not getattr(module, "is_moepress_block", False)
+    )
+
+
+def moe_layer_views(model: nn.Module) -> list[MoELayerView]:
+    """A view for every stock MoE block, in layer order (DeepSeek dense layers are skipped)."""
+    spec = family_of(model)
+    views = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, "mlp", None)
+        if block is not None and is_stock_moe_block(block, spec):
+            views.append(MoELayerView(block, spec, model.config, i))
+    if not views:
+        raise UnsupportedArchitecture(f"{type(model).__name__} has no MoE layers moepress can see")
+    return views
+
+
+def moe_layer_indices(model: nn.Module) -> list[int]:
+    return [v.layer_index for v in moe_layer_views(model)]
+
+
+def layer_view(model: nn.Module, layer_index: int) -> MoELayerView | None:
+    """The view of decoder layer `layer_index`'s MoE block, or None when it is not a stock MoE block."""
+    spec = family_of(model)
+    block = getattr(decoder_layers(model)[layer_index], "mlp", None)
+    if block is None or not is_stock_moe_block(block, spec):
+        return None
+    return MoELayerView(block, spec, model.config, layer_index)
+
+
+def set_moe_block(model: nn.Module, layer_index: int, block: nn.Module) -> None:
+    """Install `block` as the MLP of decoder layer `layer_index`."""
+    decoder_layers(model)[layer_index].mlp = block
+
+
+def set_model_expert_count(model: nn.Module, count: int) -> None:
+    """Record the routed-expert count of a uniformly pruned model in its config."""
+    set_expert_count(model.config, family_of(model), count)
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Parameter accounting used in every report (ALGORITHMS.md §6: always report both ratios).
+
+    Returns a dict:
+        total: every parameter once (tied embeddings counted once);
+        routed_experts: parameters of routed experts (shared experts, routers excluded);
+        active_per_token: total - routed_experts + per layer the parameters of the experts a token
+            runs (top-k experts; custom moepress blocks report their own figure);
+        experts_per_layer: {layer index: number of stored routed experts}.
+    Custom blocks (modeling/) expose `moepress_parameter_counts() -> (routed, active_routed, experts)`.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    spec = family_of(model)
+    routed = active_routed = 0
+    per_layer = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, "mlp", None)
+        if block is None:
+            continue
+        if hasattr(block, "moepress_parameter_counts"):
+            r, a, e = block.moepress_parameter_counts()
+        elif is_stock_moe_block(block, spec):
+            r = sum(p.numel() for p in block.experts.parameters())
+            e = block.experts.gate_up_proj.shape[0]
+            a = r // e * int(model.config.num_experts_per_tok)
+        else:
+            continue
+        routed, active_routed = routed + r, active_routed + a
+        per_layer[i] = e
+    return {
+        "total": total,
+        "routed_experts": routed,
+        "active_per_token": total - routed + active_routed,
+        "experts_per_layer": per_layer,
+    }

@@ -1,0 +1,228 @@
+"""The uniform view of one MoE layer (DESIGN.md §2 "arch: the MoE layer view").
+
+transformers 5 stores routed experts as fused 3-D parameters. `MoELayerView` exposes them per
+expert in one convention whatever the family:
+
+- `gate_proj`, `up_proj`: `[E, I, H]`; `down_proj`: `[E, H, I]` (weights as `[out, in]`).
+  For the `fused` layout these are *views* of the live parameters (writes go through);
+  for gpt-oss (`interleaved_transposed`) they are strided views as well (`[..., ::2]` transposed).
+- `gate_bias`, `up_bias`: `[E, I]`, `down_bias`: `[E, H]`, or None when the family has none.
+- `route(x)` calls the model's own router module, so routing is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .spec import FamilySpec
+
+
+class Routing(NamedTuple):
+    """Router outputs for flat tokens: logits/scores `[T, E]`, weights/index `[T, k]`."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor
+    index: torch.Tensor
+
+
+class MoELayerView:
+    """Per-expert access to one live MoE block.
+
+    Args:
+        block: the MoE module (e.g. `MixtralSparseMoeBlock`), left in place.
+        spec: the family's `FamilySpec`.
+        config: the model config (used to rebuild the block with another expert count).
+        layer_index: index of the decoder layer that holds the block.
+    """
+
+    def __init__(self, block: nn.Module, spec: FamilySpec, config, layer_index: int):
+        self.block = block
+        self.spec = spec
+        self.config = config
+        self.layer_index = layer_index
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self.block, self.spec.router_attr)
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.block.experts
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.gate_up_proj.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.config.num_experts_per_tok)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate_proj.shape[1]
+
+    @property
+    def interleaved(self) -> bool:
+        return self.spec.layout == "interleaved_transposed"
+
+    @property
+    def gate_proj(self) -> torch.Tensor:
+        w = self.experts.gate_up_proj
+        if self.interleaved:
+            return w[..., ::2].transpose(1, 2)
+        return w[:, : w.shape[1] // 2]
+
+    @property
+    def up_proj(self) -> torch.Tensor:
+        w = self.experts.gate_up_proj
+        if self.interleaved:
+            return w[..., 1::2].transpose(1, 2)
+        return w[:, w.shape[1] // 2 :]
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        w = self.experts.down_proj
+        return w.transpose(1, 2) if self.interleaved else w
+
+    @property
+    def gate_bias(self) -> torch.Tensor | None:
+        b = getattr(self.experts, "gate_up_proj_bias", None)
+        return None if b is None else b[..., ::2]
+
+    @property
+    def up_bias(self) -> torch.Tensor | None:
+        b = getattr(self.experts, "gate_up_proj_bias", None)
+        return None if b is None else b[..., 1::2]
+
+    @property
+    def down_bias(self) -> torch.Tensor | None:
+        return getattr(self.experts, "down_proj_bias", None)
+
+    def router_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-expert router tensor (`weight` and e.g. `bias`, `e_score_correction_bias`)."""
+        out = {"weight": self.router.weight}
+        for name in self.spec.router_buffers:
+            t = getattr(self.router, name, None)
+            if t is not None:
+                out[name] = t
+        return out
+
+    # ------------------------------------------------------------------ compute
+    def route(self, x: torch.Tensor) -> Routing:
+        """Route flat tokens `x [T, H]` with the model's own router module."""
+        logits, weights, index = self.router(x)
+        return Routing(logits, self.spec.scores(logits, self.router), weights, index)
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The family's gated activation on pre-activations `[T, I]` (SwiGLU or clamped SwiGLU)."""
+        if self.interleaved:  # gpt-oss: clamped SwiGLU with (up + 1)
+            limit, alpha = self.experts.limit, self.experts.alpha
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        return self.experts.act_fn(gate) * up
+
+    def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate activation `h_j(x) [T, I]` of routed expert j."""
+        gate = x @ self.gate_proj[j].T
+        up = x @ self.up_proj[j].T
+        if self.gate_bias is not None:
+            gate = gate + self.gate_bias[j]
+            up = up + self.up_bias[j]
+        return self.activation(gate, up)
+
+    def expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Output `E_j(x) [T, H]` of routed expert j (no routing weight)."""
+        out = self.intermediate(j, x) @ self.down_proj[j].T
+        if self.down_bias is not None:
+            out = out + self.down_bias[j]
+        return out
+
+    def routed_output(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Weighted sum of the routed experts via the model's own experts module: `[T, H]`."""
+        return self.experts(x, routing.index, routing.weights)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Shared-expert contribution `[T, H]` (Qwen2-MoE gate included) or None."""
+        return self.spec.shared_output(self.block, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole block on flat tokens `x [T, H]` -> `[T, H]` (calls the live block)."""
+        out = self.block(x.unsqueeze(0))
+        if self.spec.block_returns_tuple:
+            out = out[0]
+        return out.reshape(x.shape)
+
+    # ------------------------------------------------------------------ rewrite
+    def rebuild(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        router: dict[str, torch.Tensor],
+        gate_bias: torch.Tensor | None = None,
+        up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+    ) -> nn.Module:
+        """A new block of the same class holding M = `gate.shape[0]` experts.
+
+        Args:
+            gate, up: `[M, I, H]`; down: `[M, H, I]` (this view's convention).
+            router: per-expert router tensors with M rows, keyed like `router_tensors()`.
+            gate_bias, up_bias `[M, I]`, down_bias `[M, H]`: required iff the family has biases.
+        Returns:
+            the new block; shared experts and every other tensor are copied from this block.
+            The caller installs it (`set_moe_block`) and updates the model config.
+        """
+        m = gate.shape[0]
+        cfg = copy.deepcopy(self.config)
+        set_expert_count(cfg, self.spec, m)
+        with torch.device("meta"):
+            new = type(self.block)(cfg)
+        state = {k: v for k, v in self.block.state_dict().items()}
+        prefix_r = self.spec.router_attr + "."
+        for name, t in router.items():
+            state[prefix_r + name] = t
+        if self.interleaved:
+            gate_up = torch.empty(m, gate.shape[2], 2 * gate.shape[1], dtype=gate.dtype, device=gate.device)
+            gate_up[..., ::2] = gate.transpose(1, 2)
+            gate_up[..., 1::2] = up.transpose(1, 2)
+            state["experts.gate_up_proj"] = gate_up
+            state["experts.down_proj"] = down.transpose(1, 2).contiguous()
+            bias = torch.empty(m, 2 * gate.shape[1], dtype=gate_bias.dtype, device=gate_bias.device)
+            bias[:, ::2], bias[:, 1::2] = gate_bias, up_bias
+            state["experts.gate_up_proj_bias"] = bias
+            state["experts.down_proj_bias"] = down_bias.contiguous()
+        else:
+            state["experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+            state["experts.down_proj"] = down.contiguous()
+        # Never alias the old block's storage: the caller may still read the original.
+        old = {t.data_ptr() for t in self.block.state_dict().values()}
+        state = {k: v.detach().clone() if v.data_ptr() in old else v.detach() for k, v in state.items()}
+        new.load_state_dict(state, strict=True, assign=True)
+        new.train(self.block.training)
+        return new
+
+    def select(self, keep: list[int] | torch.Tensor) -> nn.Module:
+        """A new block holding only the experts `keep` (router rows sliced the same way)."""
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.experts.gate_up_proj.device)
+        biases = {}
+        if self.gate_bias is not None:
+            biases = dict(gate_bias=self.gate_bias[idx], up_bias=self.up_bias[idx], down_bias=self.down_bias[idx])
+        router = {k: v.detach()[idx] for k, v in self.router_tensors().items()}
+        return self.rebuild(self.gate_proj[idx], self.up_proj[idx], self.down_proj[idx], router, **biases)
+
+
+def set_expert_count(config, spec: FamilySpec, count: int) -> None:
+    """Write the routed-expert count into `config` under the family's key (aliases follow)."""
+    setattr(config, spec.expert_count_key, int(count))
