@@ -123,7 +123,7 @@ def parse_foldoc(dictionary: str) -> list[tuple[str, str]]:
             for para in re.split(r"\n\s*\n", text):
                 para = re.sub(r"\s+", " ", para).strip()
                 para = _URL.sub("", para).strip()
-                if not para or _FOLDOC_DATE.match(para):
+                if len(para) < 3 or _FOLDOC_DATE.match(para.rstrip(".")):
                     continue
                 para = _FOLDOC_TAG.sub(lambda m: f"({m.group(1)}) ", para)
                 paras.append(para)
@@ -188,3 +188,15 @@ def docbook_paragraphs(page: str) -> list[str]:
     parser.feed(page)
     parser.close()
     return [html.unescape(p) for p in parser.paragraphs]
+
+
+_FRENCH_WORDS = frozenset("le la les des est une et du pour dans que qui sur pas vous avec sont ce cette aux au".split())
+_ENGLISH_WORDS = frozenset("the and of to is that for in are with this you it be as by on".split())
+
+
+def looks_french(paragraph: str) -> bool:
+    """Stop-word vote; the French Handbook still carries some untranslated English paragraphs."""
+    words = re.findall(r"[a-zà-ÿ]+", paragraph.lower())
+    french = sum(w in _FRENCH_WORDS for w in words)
+    english = sum(w in _ENGLISH_WORDS for w in words)
+    return french > english

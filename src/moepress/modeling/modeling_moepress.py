@@ -1,0 +1,70 @@
+"""Modeling code for moepress checkpoints whose MoE blocks are not the family's stock block.
+
+Shipped inside such checkpoints and named in `config.auto_map`, so
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` works without moepress
+installed; `moepress.load(out)` uses the same classes without trust_remote_code.
+Imports only torch and transformers (and its sibling files, copied beside it).
+
+`config.moepress["layers"]` maps a decoder-layer index to `{"kind": ..., **fields}`; the stock
+model is built first, then each listed layer's MLP is replaced by the block of that kind.
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from .moepress_common import MoepressBlock
+from .moepress_compressed import KINDS as _COMPRESSED_KINDS
+from .moepress_delta import KINDS as _DELTA_KINDS
+from .moepress_remap import KINDS as _REMAP_KINDS
+
+BLOCK_KINDS: dict[str, type[MoepressBlock]] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KINDS}
+
+BASE_CLASSES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "phimoe": "PhimoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
+
+
+def install_moepress_blocks(model, config) -> None:
+    """Replace the MLP of every layer listed in `config.moepress["layers"]` by its custom block."""
+    spec = getattr(config, "moepress", None) or {}
+    for key, layer_cfg in spec.get("layers", {}).items():
+        kind = layer_cfg["kind"]
+        if kind not in BLOCK_KINDS:
+            raise ValueError(f"unknown moepress block kind {kind!r}; known: {sorted(BLOCK_KINDS)}")
+        layer = model.model.layers[int(key)]
+        layer.mlp = BLOCK_KINDS[kind].from_layer_config(layer.mlp, config, layer_cfg)
+
+
+def _with_moepress_blocks(base_name: str):
+    base = getattr(transformers, base_name)
+
+    class WithMoepressBlocks(base):
+        def __init__(self, config):
+            super().__init__(config)
+            install_moepress_blocks(self, config)
+
+    WithMoepressBlocks.__name__ = WithMoepressBlocks.__qualname__ = f"Moepress{base_name}"
+    return WithMoepressBlocks
+
+
+MoepressMixtralForCausalLM = _with_moepress_blocks("MixtralForCausalLM")
+MoepressQwen2MoeForCausalLM = _with_moepress_blocks("Qwen2MoeForCausalLM")
+MoepressQwen3MoeForCausalLM = _with_moepress_blocks("Qwen3MoeForCausalLM")
+MoepressOlmoeForCausalLM = _with_moepress_blocks("OlmoeForCausalLM")
+MoepressDeepseekV2ForCausalLM = _with_moepress_blocks("DeepseekV2ForCausalLM")
+MoepressDeepseekV3ForCausalLM = _with_moepress_blocks("DeepseekV3ForCausalLM")
+MoepressPhimoeForCausalLM = _with_moepress_blocks("PhimoeForCausalLM")
+MoepressGptOssForCausalLM = _with_moepress_blocks("GptOssForCausalLM")
+
+
+def class_name_for(model_type: str) -> str:
+    """Name of the wrapper class for `model_type` (what `auto_map` points at)."""
+    return f"Moepress{BASE_CLASSES[model_type]}"
