@@ -12,6 +12,7 @@ from .model import (
     parameter_counts,
     set_model_expert_count,
     set_moe_block,
+    validate_expert_count,
 )
 from .spec import FamilySpec
 from .tiny import tiny_config, tiny_model
@@ -21,5 +22,5 @@ __all__ = [
     "FAMILIES", "SUPPORTED", "FamilySpec", "MoELayerView", "Routing", "UnsupportedArchitecture",
     "decoder_layers", "family_of", "is_stock_moe_block", "layer_view", "moe_layer_indices",
     "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
-    "set_moe_block", "tiny_config", "tiny_model",
+    "set_moe_block", "validate_expert_count", "tiny_config", "tiny_model",
 ]

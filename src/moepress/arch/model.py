@@ -117,3 +117,20 @@ def parameter_counts(model: nn.Module) -> dict:
         "active_per_token": total - routed + active_routed,
         "experts_per_layer": per_layer,
     }
+
+
+def validate_expert_count(model_or_config, count: int) -> None:
+    """Raise a clear error when `count` routed experts per layer cannot work with the routing."""
+    config = getattr(model_or_config, "config", model_or_config)
+    top_k = int(config.num_experts_per_tok)
+    if count < top_k:
+        raise ValueError(f"cannot keep {count} experts: the model routes each token to top-k={top_k}")
+    group_limited = getattr(config, "topk_method", "noaux_tc") != "greedy" and getattr(config, "n_group", None)
+    if family_of(config).model_type.startswith("deepseek") and group_limited:
+        n_group, topk_group = int(config.n_group), int(config.topk_group)
+        per_group = count // n_group
+        if count % n_group or per_group < 2 or topk_group * per_group < top_k:
+            raise ValueError(
+                f"DeepSeek group-limited routing needs the expert count divisible by n_group={n_group}, "
+                f">= 2 experts per group and topk_group*experts_per_group >= top-k={top_k}; {count} is not"
+            )

@@ -213,6 +213,22 @@ class MoELayerView:
         new.train(self.block.training)
         return new
 
+    def subset_router(self, keep: list[int] | torch.Tensor) -> nn.Module:
+        """A copy of the router restricted to experts `keep` (the model's routing over the survivors)."""
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.router.weight.device)
+        router = copy.deepcopy(self.router)
+        with torch.no_grad():
+            for name, t in self.router_tensors().items():
+                sliced = t.detach()[idx].clone()
+                if isinstance(getattr(router, name), nn.Parameter):
+                    setattr(router, name, nn.Parameter(sliced, requires_grad=False))
+                else:
+                    setattr(router, name, sliced)
+        for attr in ("num_experts", "out_features"):
+            if hasattr(router, attr):
+                setattr(router, attr, len(idx))
+        return router
+
     def select(self, keep: list[int] | torch.Tensor) -> nn.Module:
         """A new block holding only the experts `keep` (router rows sliced the same way)."""
         idx = torch.as_tensor(keep, dtype=torch.long, device=self.experts.gate_up_proj.device)

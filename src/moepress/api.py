@@ -1,0 +1,150 @@
+"""The Python API of DESIGN.md §1: `compress`, `load`, and the result object."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import family_of, parameter_counts
+from .calib import build_calibration
+from .export import RECORD_NAME, library_versions, read_record, save_checkpoint
+from .methods import Method, build_method
+from .pipeline import compress_layers
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def load_model(model: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
+    """Load a model directory or hub id with `from_pretrained` (moepress checkpoints via `load`)."""
+    import transformers
+
+    if Path(str(model)).expanduser().joinpath(RECORD_NAME).exists() or _is_custom(model):
+        return load(model, dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).eval()
+
+
+def _is_custom(path) -> bool:
+    cfg = Path(str(path)).expanduser() / "config.json"
+    return cfg.exists() and '"moepress"' in cfg.read_text()
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
+    """Load a moepress output without `trust_remote_code` (stock results load as the stock class)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    if getattr(config, "moepress", None):
+        from .modeling import modeling_moepress
+
+        cls = getattr(modeling_moepress, modeling_moepress.class_name_for(config.model_type))
+        return cls.from_pretrained(str(path), dtype=dtype).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def _load_tokenizer(model, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    import transformers
+
+    name = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+    if not name:
+        raise ValueError("pass tokenizer= when compressing an in-memory model that has no name_or_path")
+    return transformers.AutoTokenizer.from_pretrained(str(name))
+
+
+@dataclass
+class CompressionResult:
+    """A compressed model in memory, its per-layer decisions and the replayable record."""
+
+    model: nn.Module
+    tokenizer: object
+    method: Method
+    records: dict[int, dict]
+    record: dict = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def parameter_counts(self) -> dict:
+        return parameter_counts(self.model)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the checkpoint + tokenizer + moepress.json atomically; returns the directory."""
+        t0 = time.perf_counter()
+        stages = self.record.setdefault("stages", {})
+        path = save_checkpoint(self.model, out, method_name=self.method.name, export=self.method.export,
+                               record=self.record, tokenizer=self.tokenizer, source=self.source,
+                               overwrite=overwrite)
+        stages["save"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
+        (path / RECORD_NAME).write_text(__import__("json").dumps(self.record, indent=2, default=str) + "\n")
+        return path
+
+
+def compress(model, method: str, ratio: float | None = None, *, experts: int | None = None,
+             calib=None, samples: int = 128, seq_len: int | None = None, seed: int = 0,
+             batch_size: int = 8, tokenizer=None, dtype: torch.dtype | None = torch.float32,
+             progress=None, **options) -> CompressionResult:
+    """Compress `model` (path, hub id or model object) with registered method `method`.
+
+    Args:
+        ratio: fraction of routed-expert parameters removed (for `compressed_experts`: fraction of
+            each token's activated experts replaced). `experts` keeps M experts per layer instead.
+        calib: calibration source (file, folder, jsonl, saved dataset; None = built-in text).
+        samples, seq_len: packed calibration sequences (seq_len default min(2048, max positions)).
+        options: the method's own config fields.
+    Returns: a `CompressionResult`; call `.save(out)`.
+    """
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    method_obj = build_method(method, ratio=ratio, experts=experts, **options)
+    source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+    t0 = time.perf_counter()
+    model_obj = load_model(model, dtype=dtype) if isinstance(model, (str, Path)) else model
+    family = family_of(model_obj)
+    tok = _load_tokenizer(model, tokenizer)
+    stages = {"load": {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}}
+    if seq_len is None:
+        seq_len = min(2048, int(getattr(model_obj.config, "max_position_embeddings", 2048)))
+    t0 = time.perf_counter()
+    calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len, seed=seed)
+    stages["calibration"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
+    before = parameter_counts(model_obj)
+    t0 = time.perf_counter()
+    records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress)
+    stages["compress"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
+    after = parameter_counts(model_obj)
+    record = {
+        "moepress_record": 1,
+        "method": method_obj.name,
+        "config": dataclasses.asdict(method_obj.config),
+        "export": method_obj.export,
+        "source_model": source,
+        "family": family.model_type,
+        "calibration": calibration.describe(),
+        "seed": seed,
+        "batch_size": batch_size,
+        "propagation": "compressed",
+        "layers": {str(k): v for k, v in records.items()},
+        "parameters": {"before": before, "after": after},
+        "versions": library_versions(),
+        "stages": stages,
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return CompressionResult(model_obj, tok, method_obj, records, record, source)
+
+
+def methods() -> dict[str, str]:
+    """`{name: one-line summary}` of every registered method."""
+    from .methods import available_methods
+
+    return {name: cls.summary for name, cls in available_methods().items()}
+
+
+__all__ = ["CompressionResult", "compress", "load", "load_model", "methods", "read_record"]

@@ -1,0 +1,44 @@
+"""Shared shape of expert-pruning methods: score experts, keep the best M, slice router rows.
+
+The result is the family's stock block with M experts, so the checkpoint loads in plain
+transformers (and vLLM). The same M is used in every layer, as in REAP (uniform ratio per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import set_model_expert_count, validate_expert_count
+from .base import ConfigError, LayerContext, LayerResult, Method
+
+
+class PruningMethod(Method):
+    export = "stock"
+
+    def kept(self, ctx: LayerContext) -> int:
+        m = self.config.kept_experts(ctx.view.num_experts, ctx.view.top_k)
+        try:
+            validate_expert_count(ctx.view.config, m)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return m
+
+    def saliency(self, ctx: LayerContext) -> torch.Tensor:
+        """`[E]` scores, higher = more important."""
+        raise NotImplementedError
+
+    def choose(self, ctx: LayerContext, m: int) -> tuple[list[int], dict]:
+        scores = self.saliency(ctx)
+        order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+        return sorted(order[:m]), {"scores": [round(float(s), 6) for s in scores]}
+
+    def compress_layer(self, ctx: LayerContext) -> LayerResult:
+        m = self.kept(ctx)
+        keep, extra = self.choose(ctx, m)
+        block = None if m == ctx.view.num_experts else ctx.view.select(keep)
+        return LayerResult(block, {"kept": keep, "experts": m, **extra})
+
+    def finalize(self, model, records: dict[int, dict]) -> None:
+        counts = {r["experts"] for r in records.values()}
+        if len(counts) == 1:
+            set_model_expert_count(model, counts.pop())
