@@ -77,3 +77,33 @@ def routing_weight_sum(stats: LayerStatistics) -> torch.Tensor:
     for _, r in stats.routed():
         total.index_add_(0, r.index.flatten().cpu(), r.weights.flatten().double().cpu())
     return total
+
+
+def reap_sums(stats: LayerStatistics, renormalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream `Σ_x g_j(x)·||E_j(x)||_2` and routed-token counts per expert (REAP, ALGORITHMS.md §4.4).
+
+    `renormalize`: None = the model's own routing weights; True/False = router scores gathered at
+    the top-k, renormalised over it or not (REAP's `renormalize_router_weights`).
+    """
+    from ..ops.saliency import reap_batch_sums, routed_gate_values
+
+    view, e = stats.view, stats.view.num_experts
+    sums, counts = torch.zeros(e, dtype=torch.float64), torch.zeros(e, dtype=torch.float64)
+    for x, r in stats.routed():
+        gates = r.weights if renormalize is None else routed_gate_values(r.scores, r.index, renormalize)
+        norms = torch.zeros(r.index.shape, dtype=torch.float64)
+        for j in r.index.unique().tolist():
+            tok, slot = (r.index == j).nonzero(as_tuple=True)
+            norms[tok, slot] = view.expert(j, x[tok]).double().norm(dim=-1).cpu()
+        s, c = reap_batch_sums(gates, r.index, norms, e)
+        sums += s
+        counts += c
+    return sums, counts
+
+
+@statistic("reap")
+def reap_scores(stats: LayerStatistics) -> torch.Tensor:
+    """`[E]` REAP saliency with the model's own routing weights."""
+    from ..ops.saliency import reap_saliency
+
+    return reap_saliency(*reap_sums(stats))

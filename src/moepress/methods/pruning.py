@@ -36,7 +36,12 @@ class PruningMethod(Method):
         m = self.kept(ctx)
         keep, extra = self.choose(ctx, m)
         block = None if m == ctx.view.num_experts else ctx.view.select(keep)
-        return LayerResult(block, {"kept": keep, "experts": m, **extra})
+        record = {"kept": keep, "experts": m, **extra}
+        n_group = int(getattr(ctx.view.config, "n_group", 1) or 1)
+        if block is not None and n_group > 1 and getattr(ctx.view.config, "topk_method", "") != "greedy":
+            # Group-limited routing groups experts by position: survivors are regrouped contiguously.
+            record["note"] = f"group-limited routing: survivors re-formed into {n_group} contiguous groups"
+        return LayerResult(block, record)
 
     def finalize(self, model, records: dict[int, dict]) -> None:
         counts = {r["experts"] for r in records.values()}

@@ -1,0 +1,149 @@
+"""Pruning methods x architectures: compress -> save -> plain from_pretrained -> same logits (§7.6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import moepress
+from moepress.arch import SUPPORTED as FAMILIES
+from moepress.arch import moe_layer_views, tiny_model
+from moepress.calib import LayerStatistics
+from moepress.ops.saliency import naee_search
+
+PRUNERS = ("frequency", "reap", "naee")
+
+
+def _ids(seed=1):
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", PRUNERS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_save_reload_stock(family, method, tokenizer, calib_file, tmp_path):
+    result = moepress.compress(tiny_model(family), method, 0.5, calib=calib_file, samples=6, seq_len=32,
+                               tokenizer=tokenizer)
+    out = result.save(tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        diff = (reloaded(_ids()).logits - result.model(_ids()).logits).abs().max().item()
+    assert diff <= 1e-5
+    record = json.loads((out / "moepress.json").read_text())
+    assert record["method"] == method and record["calibration"]["tokens"] == 6 * 32
+    layers = record["layers"]
+    assert {len(v["kept"]) for v in layers.values()} == {4}
+    assert record["parameters"]["after"]["routed_experts"] * 2 == record["parameters"]["before"]["routed_experts"]
+    if family.startswith("deepseek"):
+        assert "0" not in layers  # dense first layer skipped
+
+
+@pytest.mark.parametrize("method", PRUNERS)
+def test_pruning_nothing_is_identity(method, tokenizer, calib_file):
+    model = tiny_model("qwen2_moe")
+    with torch.no_grad():
+        before = model(_ids()).logits.clone()
+    result = moepress.compress(model, method, 0.0, calib=calib_file, samples=4, seq_len=32, tokenizer=tokenizer)
+    with torch.no_grad():
+        assert torch.equal(result.model(_ids()).logits, before)
+
+
+def _make_experts_unreachable(model, dead=(6, 7), scale=2.0):
+    """Rows 0..5 = ±3 directions (so the top-2 logits are >= 0), dead rows 0, biases -50: never routed.
+
+    """
+    torch.manual_seed(0)
+    for view in moe_layer_views(model):
+        w = view.router.weight
+        with torch.no_grad():
+            dirs = torch.randn(3, w.shape[1]) * scale
+            w[:6] = torch.cat([dirs, -dirs])
+            w[list(dead)] = 0
+            for name in view.spec.router_buffers:
+                t = getattr(view.router, name)
+                t.zero_()
+                t[list(dead)] = -50.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_unreached_experts_keeps_outputs(family, tokenizer, calib_file):
+    """Exact for routers that renormalise over the selected experts. Routers that weight by the
+    softmax over *all* experts (Qwen2/OLMoE without norm_topk_prob, DeepSeek-V2) lose the pruned
+    experts' probability mass from the denominator, so their outputs legitimately change: for
+    Qwen2/OLMoE we test with norm_topk_prob=True, for DeepSeek-V2 only which experts are kept.
+    DeepSeek-V3's group-limited routing groups experts by position, so it is tested with one group."""
+    renorm = {"norm_topk_prob": True} if family in ("qwen2_moe", "olmoe") else {}
+    if family == "deepseek_v3":  # with n_group > 1, pruning re-forms the contiguous expert groups
+        renorm = {"n_group": 1, "topk_group": 1}
+    model = tiny_model(family, **renorm)
+    # small logits for sigmoid routers: saturated scores tie at 1.0 and top-k breaks ties by layout
+    _make_experts_unreachable(model, scale=0.05 if family == "deepseek_v3" else 2.0)
+    calib = moepress.calib.build_calibration(tokenizer, calib_file, samples=4, seq_len=32)
+    with torch.no_grad():
+        before = model(calib.input_ids).logits.clone()
+    result = moepress.compress(model, "frequency", experts=6, calib=calib_file, samples=4, seq_len=32,
+                               tokenizer=tokenizer)
+    assert all(r["kept"] == [0, 1, 2, 3, 4, 5] for r in result.records.values())
+    assert all(r["scores"][6:] == [0.0, 0.0] for r in result.records.values())
+    if family == "deepseek_v2":
+        return
+    with torch.no_grad():
+        after = result.model(calib.input_ids).logits
+    assert (after - before).abs().max().item() <= 1e-5
+
+
+def test_reap_matches_brute_force_and_ignores_batching():
+    model = tiny_model("mixtral")
+    view = moe_layer_views(model)[0]
+    x = torch.randn(40, view.hidden_size)
+    whole = LayerStatistics(view, [x])["reap"]
+    split = LayerStatistics(view, list(x.split(7)))["reap"]
+    torch.testing.assert_close(whole, split, rtol=1e-6, atol=1e-9)  # fp32 GEMM shapes differ; sums are fp64
+    sums, counts = torch.zeros(view.num_experts, dtype=torch.float64), torch.zeros(view.num_experts)
+    with torch.no_grad():
+        r = view.route(x)
+        for t in range(x.shape[0]):
+            for s in range(view.top_k):
+                j = int(r.index[t, s])
+                sums[j] += float(r.weights[t, s]) * float(view.expert(j, x[t : t + 1]).norm())
+                counts[j] += 1
+    brute = torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
+    torch.testing.assert_close(whole, brute, rtol=1e-5, atol=1e-7)
+
+
+def test_naee_drops_a_duplicate_expert_with_no_router_preference(tokenizer, calib_file):
+    model = tiny_model("mixtral", num_layers=1)
+    view = moe_layer_views(model)[0]
+    torch.manual_seed(0)
+    with torch.no_grad():  # expert 3 duplicates expert 5; its router row is 0 while the top-2 logits are > 0
+        view.experts.gate_up_proj[3] = view.experts.gate_up_proj[5]
+        view.experts.down_proj[3] = view.experts.down_proj[5]
+        dirs = torch.randn(4, view.hidden_size) * 2
+        view.router.weight[[0, 1, 2, 4, 5, 6, 7]] = torch.cat([dirs[:3], -dirs[:3], dirs[3:]])
+        view.router.weight[3] = 0
+    result = moepress.compress(model, "naee", experts=7, calib=calib_file, samples=4, seq_len=32,
+                               tokenizer=tokenizer)
+    record = result.records[0]
+    assert 3 not in record["kept"] and record["search"] == "exhaustive"
+    assert record["loss"] <= 1e-8 and record["subsets_evaluated"] == 8
+
+
+def test_naee_search_enumerates_and_greedy_is_stated():
+    costs = {0: 5.0, 1: 1.0, 2: 3.0, 3: 0.5}
+    loss = lambda kept: sum(c for e, c in costs.items() if e not in kept)  # noqa: E731
+    assert naee_search(4, 2, loss)[:2] == ([0, 2], "exhaustive")
+    assert naee_search(4, 2, loss, max_subsets=1)[:2] == ([0, 2], "greedy")
+
+
+def test_bad_ratio_and_unknown_option_are_clear_errors(tokenizer, calib_file):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        moepress.compress(tiny_model("mixtral"), "reap", 1.5, calib=calib_file, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="no option"):
+        moepress.compress(tiny_model("mixtral"), "reap", 0.5, bogus=1, calib=calib_file, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="top-k"):
+        moepress.compress(tiny_model("mixtral"), "frequency", experts=1, calib=calib_file, samples=2,
+                          seq_len=16, tokenizer=tokenizer)
