@@ -1,0 +1,66 @@
+"""Calibration sources, packing and the layer-wise pipeline's capture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moepress.arch import decoder_layers, tiny_model
+from moepress.calib import CalibrationError, build_calibration, load_texts, pack_token_ids
+from moepress.pipeline import capture_layer_inputs, run_layer
+
+
+def test_sources_text_jsonl_folder_and_saved_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}) + "\n")
+    assert load_texts(tmp_path / "a.txt") == ["first document"]
+    assert load_texts(tmp_path / "b.jsonl") == ["second", "third"]
+    assert load_texts(tmp_path) == ["first document", "second", "third"]
+    datasets = pytest.importorskip("datasets")  # the [data] extra; installed by `make test`
+    datasets.Dataset.from_dict({"text": ["x y", "z"]}).save_to_disk(tmp_path / "ds")
+    assert load_texts(tmp_path / "ds") == ["x y", "z"]
+
+
+def test_bad_sources_say_what_is_wrong(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_texts(tmp_path / "missing.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(CalibrationError, match="bad.jsonl:2: expected an object with a 'text' field"):
+        load_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no .txt"):
+        load_texts(tmp_path / "empty")
+
+
+def test_packing_has_no_padding_and_eos_between_documents():
+    packed = pack_token_ids([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]], seq_len=4, eos_id=0)
+    assert packed.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]  # tail [0] dropped, never padded
+
+
+def test_build_calibration_is_deterministic_and_errors_when_too_short(tokenizer, calib_file, tmp_path):
+    a = build_calibration(tokenizer, calib_file, samples=5, seq_len=32, seed=3)
+    b = build_calibration(tokenizer, calib_file, samples=5, seq_len=32, seed=3)
+    c = build_calibration(tokenizer, calib_file, samples=5, seq_len=32, seed=4)
+    assert a.input_ids.shape == (5, 32) and torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(CalibrationError, match="fewer than one sequence of --seq-len 512"):
+        build_calibration(tokenizer, tmp_path / "short.txt", seq_len=512)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_layerwise_propagation_reproduces_the_full_forward(family, tokenizer, calib_file):
+    """Capturing layer-0 inputs and running layers one by one gives the model's own final hidden states."""
+    model = tiny_model(family)
+    calib = build_calibration(tokenizer, calib_file, samples=5, seq_len=16)
+    hidden, kwargs = capture_layer_inputs(model, calib, batch_size=2)
+    assert [h.shape[0] for h in hidden] == [2, 2, 1]
+    for i, layer in enumerate(decoder_layers(model)):
+        hidden = run_layer(layer, i, hidden, kwargs)
+    with torch.no_grad():
+        ref = model.model(calib.input_ids, output_hidden_states=True).hidden_states[-1]
+        ours = model.model.norm(torch.cat(hidden))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert "forward" not in decoder_layers(model)[0].__dict__  # recorders removed

@@ -1,0 +1,63 @@
+"""The command line as users call it (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from moepress.cli import app
+
+runner = CliRunner()
+
+
+def test_compress_writes_a_stock_checkpoint_and_record(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("olmoe")
+    before = sorted(p.name for p in src.iterdir())
+    out = tmp_path / "pruned"
+    res = runner.invoke(app, ["compress", str(src), "--method", "reap", "--ratio", "0.25", "--calib", str(calib_file),
+                              "--samples", "4", "--seq-len", "32", "--out", str(out), "--quiet",
+                              "--opt", "renormalize=true"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint:" in res.output
+    record = json.loads((out / "moepress.json").read_text())
+    assert record["config"]["renormalize"] is True and record["config"]["ratio"] == 0.25
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 6
+    assert model(torch.randint(0, 512, (1, 8))).logits.shape == (1, 8, 512)
+    assert sorted(p.name for p in src.iterdir()) == before  # the source is untouched
+    assert not list(tmp_path.glob(".pruned.partial-*"))  # no temporary left behind
+
+
+def test_bad_input_gets_a_clear_message_and_exit_code_2(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "1.5", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "[0, 1)" in res.output
+    res = runner.invoke(app, ["compress", str(src), "-m", "nope", "--ratio", "0.5", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown method 'nope'" in res.output
+    res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--out", str(src)])
+    assert res.exit_code == 2 and "is the source model" in res.output
+    res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--calib", str(tmp_path / "x"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_methods_lists_the_registry():
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0
+    for name in ("frequency", "reap", "naee"):
+        assert name in res.output
+
+
+def test_inspect_prints_usage_and_writes_json_and_plot(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("qwen3_moe")
+    res = runner.invoke(app, ["inspect", str(src), "--calib", str(calib_file), "--samples", "4", "--seq-len", "32",
+                              "--json", str(tmp_path / "u.json"), "--plot", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    usage = json.loads((tmp_path / "u.json").read_text())
+    assert set(usage["layers"]) == {"0", "1"}
+    for layer in usage["layers"].values():
+        assert abs(sum(layer["usage"]) - 1.0) < 1e-3 and 0 < layer["normalized_entropy"] <= 1
+    assert (tmp_path / "plots" / "expert_usage.png").stat().st_size > 1000
