@@ -70,6 +70,7 @@ class CompressionResult:
     records: dict[int, dict]
     record: dict = field(default_factory=dict)
     source: str | None = None
+    store: object = None  # StreamingLayers of a bounded-memory run (layers then live on disk)
 
     @property
     def parameter_counts(self) -> dict:
@@ -81,7 +82,11 @@ class CompressionResult:
         stages = self.record.setdefault("stages", {})
         path = save_checkpoint(self.model, out, method_name=self.method.name, export=self.method.export,
                                record=self.record, tokenizer=self.tokenizer, source=self.source,
-                               overwrite=overwrite)
+                               overwrite=overwrite, store=self.store)
+        if self.store is not None:
+            # The layer shards now live in the checkpoint; `self.model` keeps its meta-device
+            # layers (loading the result is the caller's choice: `moepress.load(path)`).
+            self.store.reader.close()
         stages["save"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
         (path / RECORD_NAME).write_text(__import__("json").dumps(self.record, indent=2, default=str) + "\n")
         return path
@@ -90,7 +95,7 @@ class CompressionResult:
 def compress(model, method: str, ratio: float | None = None, *, experts: int | None = None,
              calib=None, samples: int = 128, seq_len: int | None = None, seed: int = 0,
              batch_size: int = 8, tokenizer=None, dtype: torch.dtype | None = torch.float32,
-             progress=None, **options) -> CompressionResult:
+             offload: bool | str | Path = False, progress=None, **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -98,6 +103,9 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
             each token's activated experts replaced). `experts` keeps M experts per layer instead.
         calib: calibration source (file, folder, jsonl, saved dataset; None = built-in text).
         samples, seq_len: packed calibration sequences (seq_len default min(2048, max positions)).
+        offload: bounded memory for a model given as a path: decoder layers are read from the
+            checkpoint one at a time and finished layers written to a work directory (True = a
+            temporary one, or the directory to use); the result's model is complete after `save`.
         options: the method's own config fields.
     Returns: a `CompressionResult`; call `.save(out)`.
     """
@@ -106,7 +114,18 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     method_obj = build_method(method, ratio=ratio, experts=experts, **options)
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     t0 = time.perf_counter()
-    model_obj = load_model(model, dtype=dtype) if isinstance(model, (str, Path)) else model
+    store = None
+    if offload and isinstance(model, (str, Path)):
+        import tempfile
+
+        from .streaming import open_streaming
+
+        work = Path(tempfile.mkdtemp(prefix="moepress-work-")) if offload is True else Path(offload)
+        model_obj, store = open_streaming(model, work, dtype=dtype or torch.float32)
+    elif isinstance(model, (str, Path)):
+        model_obj = load_model(model, dtype=dtype)
+    else:
+        model_obj = model
     family = family_of(model_obj)
     tok = _load_tokenizer(model, tokenizer)
     stages = {"load": {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}}
@@ -117,7 +136,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     stages["calibration"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
-    records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress)
+    records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
+                              store=store)
     stages["compress"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
     after = parameter_counts(model_obj)
     record = {
@@ -137,7 +157,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         "stages": stages,
         "wall_seconds": round(time.perf_counter() - t_start, 3),
     }
-    return CompressionResult(model_obj, tok, method_obj, records, record, source)
+    record["offload"] = store is not None
+    return CompressionResult(model_obj, tok, method_obj, records, record, source, store)
 
 
 def methods() -> dict[str, str]:

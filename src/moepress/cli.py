@@ -71,20 +71,30 @@ def compress(
     opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option NAME=VALUE (repeatable)"),
     recipe: Optional[Path] = typer.Option(None, help="YAML file of method options"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    offload: Optional[bool] = typer.Option(
+        None, help="read layers from disk one at a time (bounded memory); default: on, unless the method "
+        "needs the whole model resident"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
+    import shutil
+
     import moepress
     from moepress.export import check_output_dir
+    from moepress.methods import get_method
 
+    work = out.expanduser().resolve().parent / f".{out.name}.work"
     try:
         options = _parse_opts(opt, recipe)
         check_output_dir(out, model, overwrite)
+        if offload is None:
+            offload = Path(model).is_dir() and not get_method(method).requires_resident_model
         with layer_progress(quiet) as progress:
             result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
                                        seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
-                                       **options)
+                                       offload=work if offload else False, **options)
         path = result.save(out, overwrite=overwrite)
+        shutil.rmtree(work, ignore_errors=True)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     before, after = result.record["parameters"]["before"], result.record["parameters"]["after"]

@@ -35,7 +35,10 @@ def run_demo(out: Path = Path("out/demo"), method: str = "reap", ratio: float = 
         result = moepress.compress(model_path, method, ratio, samples=samples, seq_len=seq_len, progress=progress)
     path = result.save(out, overwrite=True)
     console.print("evaluating the original and the compressed model on held-out text ...")
-    report = evaluate(str(path), baseline=model_path, seq_len=seq_len)
+    from .zoo import builtin_domains
+
+    report = evaluate(str(path), baseline=model_path, seq_len=seq_len, ppl=builtin_domains(),
+                      tasks=["next_chunk", "domain_mc"], speed=True)
     console.print(report.table())
     report.save_json(path / "eval.json")
     console.print(f"checkpoint: [bold]{path}[/]  (loads with moepress.load or AutoModelForCausalLM.from_pretrained)")

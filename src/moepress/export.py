@@ -68,8 +68,13 @@ def check_output_dir(out: Path, source: str | Path | None, overwrite: bool) -> N
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, *, method_name: str, export: str, record: dict,
-                    tokenizer=None, source: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write `model` (+ tokenizer, modeling code when custom, moepress.json) to `out` atomically."""
+                    tokenizer=None, source: str | Path | None = None, overwrite: bool = False,
+                    store=None) -> Path:
+    """Write `model` (+ tokenizer, modeling code when custom, moepress.json) to `out` atomically.
+
+    `store`: the `StreamingLayers` of a bounded-memory run, whose finished layer shards are moved
+    in (the model's layers are then on the meta device); None = `save_pretrained`.
+    """
     out = Path(out).expanduser().resolve()
     check_output_dir(out, source, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +84,11 @@ def save_checkpoint(model: nn.Module, out: str | Path, *, method_name: str, expo
             _prepare_custom_config(model, method_name)
             for name in MODELING_FILES:
                 shutil.copy2(MODELING_DIR / name, tmp / name)
+        if store is not None:
+            from .streaming import write_streamed_checkpoint
+
+            write_streamed_checkpoint(model, store, tmp)
+        elif export == "custom":
             # Fused keys: the custom blocks' tensors are not in transformers' per-expert conversion table.
             model.save_pretrained(tmp, save_original_format=False)
         else:

@@ -134,6 +134,9 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         store: a layer store with `onload(i) -> layer` / `offload(i)`; default `InMemoryLayers`.
         progress: optional callback `progress(done, total, description)`.
     """
+    if store is not None and getattr(method, "requires_resident_model", False):
+        raise ValueError(f"method {method.name!r} needs the whole model in memory (e.g. for gradients); "
+                         f"run it without offload")
     store = store or InMemoryLayers(model)
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)

@@ -13,6 +13,7 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec(
             "mixtral", "num_local_experts",
+            hub_block="block_sparse_moe", hub_expert_names=("w1", "w3", "w2"),
             notes="softmax over E -> top-k -> renormalise",
         ),
         FamilySpec(
@@ -44,6 +45,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "phimoe", "num_local_experts",
             router_attr="router",
+            hub_block="block_sparse_moe", hub_expert_names=("w1", "w3", "w2"),
             notes="sparsemixer top-2 (weights need not sum to 1)",
         ),
         FamilySpec(
@@ -52,6 +54,7 @@ FAMILIES: dict[str, FamilySpec] = {
             layout="interleaved_transposed",
             scores=softmax_scores,
             block_returns_tuple=True,
+            hub_expert_names=None,
             router_buffers=("bias",),
             notes="top-k on biased logits -> softmax over the k; clamped SwiGLU with biases",
         ),

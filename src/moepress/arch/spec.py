@@ -39,6 +39,9 @@ class FamilySpec:
         block_returns_tuple: the block returns `(hidden, router_scores)` (gpt-oss).
         router_buffers: per-expert router tensors besides `weight` that must be sliced with it.
         notes: routing summary shown in `moepress inspect` and errors.
+        hub_block, hub_expert_names: the on-disk (hub) layout that `save_pretrained` writes by
+            default: per-expert `{layer}.{hub_block}.experts.{j}.{gate|up|down}.weight`
+            (None = the fused in-memory keys are also the disk keys, as for gpt-oss).
     """
 
     model_type: str
@@ -50,6 +53,8 @@ class FamilySpec:
     block_returns_tuple: bool = False
     router_buffers: tuple[str, ...] = ()
     notes: str = ""
+    hub_block: str = "mlp"
+    hub_expert_names: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
 
     def shared_output(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Output of the shared expert(s) for flat tokens `x [T,H]`, or None."""

@@ -98,6 +98,7 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     export: ClassVar[str] = "stock"
     needs: ClassVar[tuple[str, ...]] = ()
+    requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
 
     def __init__(self, config: MethodConfig):
         self.config = config

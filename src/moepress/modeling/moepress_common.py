@@ -48,7 +48,8 @@ class MoepressBlock(nn.Module):
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self, self.router_attr)
+        # _modules, not getattr: for phimoe/gpt-oss the attribute *is* named "router" (this property)
+        return self._modules[self.router_attr]
 
     def gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """SwiGLU, or gpt-oss's clamped SwiGLU `(up + 1) * gate * sigmoid(alpha * gate)`."""

@@ -1,0 +1,90 @@
+"""Peak memory of a compression run vs model depth (issue 2): 4-layer vs 16-layer, equal width.
+
+Each run is a fresh subprocess so its peak RSS is its own. With `--offload` (the bounded-memory
+path) the 16-layer peak should stay within 15% of the 4-layer one; without it, it grows with depth.
+
+    .venv/bin/python benchmarks/memory_depth.py [--hidden 512 --intermediate 1536 --method frequency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, torch, moepress
+src, calib, method, offload, out = sys.argv[1:6]
+t = time.perf_counter()
+r = moepress.compress(src, method, 0.5, calib=calib, samples=32, seq_len=256, offload=(out + "-work") if offload == "1" else False)
+r.save(out)
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - t}))
+"""
+
+
+def build(path: Path, layers: int, hidden: int, intermediate: int) -> float:
+    import torch
+    import transformers
+
+    from moepress.arch.tiny import tiny_config
+
+    cfg = tiny_config("mixtral", num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+                      num_attention_heads=8, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters()) * 4 / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1536)
+    ap.add_argument("--method", default="frequency")
+    ap.add_argument("--offload-only", action="store_true", help="skip the in-memory comparison runs")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="moepress-mem-"))
+    tokenizer_src = Path(__file__).resolve().parents[1] / "tests"
+    sys.path.insert(0, str(tokenizer_src))
+    calib = root / "calib.txt"
+    import inspect
+    import json as _json
+
+    calib.write_text(inspect.getsource(_json) * 20)
+    from conftest import _stdlib_text  # noqa: F401  (same text source as the tests)
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([calib.read_text()], trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"]))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    rows = []
+    for layers in (4, 16):
+        src = root / f"mixtral-{layers}"
+        size = build(src, layers, args.hidden, args.intermediate)
+        hf.save_pretrained(src)
+        for offload in ("1",) if args.offload_only else ("1", "0"):
+            out = root / f"out-{layers}-{offload}"
+            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(calib), args.method, offload, str(out)],
+                                 capture_output=True, text=True, check=True)
+            fig = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append((layers, size, offload == "1", fig["peak_rss_mb"], fig["seconds"]))
+            print(f"layers={layers:2d} model={size:7.1f} MB offload={offload == '1'!s:5} "
+                  f"peak_rss={fig['peak_rss_mb']:7.1f} MB time={fig['seconds']:.1f} s", flush=True)
+    peak = {(r[0], r[2]): r[3] for r in rows}
+    print(f"offload: 16-layer peak / 4-layer peak = {peak[(16, True)] / peak[(4, True)]:.3f} (target <= 1.15)")
+    if not args.offload_only:
+        print(f"in memory: 16-layer peak / 4-layer peak = {peak[(16, False)] / peak[(4, False)]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Reading checkpoint tensors one at a time, in either on-disk layout (ENVIRONMENT.md §2 pitfall).
+
+`save_pretrained` writes the hub's per-expert layout by default (`...experts.{j}.w1.weight` for
+Mixtral/PhiMoE, `...experts.{j}.gate_proj.weight` for Qwen/OLMoE/DeepSeek) while the model in
+memory holds fused `experts.gate_up_proj [E, 2I, H]`; `save_original_format=False` writes the
+fused keys. `CheckpointReader.tensor(name)` answers an in-memory parameter name from either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .spec import FamilySpec
+
+_FUSED = re.compile(r"^(?P<layer>.*)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^(?P<layer>.*)\.mlp\.(?P<attr>gate|router)\.weight$")
+
+
+class CheckpointReader:
+    """Lazy access to the safetensors files of a model directory (single file or sharded index)."""
+
+    def __init__(self, path: str | Path, spec: FamilySpec):
+        self.path = Path(path)
+        self.spec = spec
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").exists():
+            with safe_open(self.path / "model.safetensors", "pt") as fh:
+                weight_map = {k: "model.safetensors" for k in fh.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path} holds no model.safetensors(.index.json): cannot stream it")
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+
+    def close(self) -> None:
+        """Drop the open file handles (their memory maps count towards RSS while pages are touched)."""
+        self._handles.clear()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def _raw(self, key: str) -> torch.Tensor:
+        fname = self.weight_map[key]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(self.path / fname, "pt")
+        return self._handles[fname].get_tensor(key)
+
+    def _per_expert(self, layer: str, which: int) -> torch.Tensor:
+        names = self.spec.hub_expert_names
+        prefix = f"{layer}.{self.spec.hub_block}.experts."
+        out, j = [], 0
+        while f"{prefix}{j}.{names[which]}.weight" in self:
+            out.append(self._raw(f"{prefix}{j}.{names[which]}.weight"))
+            j += 1
+        if not out:
+            raise KeyError(prefix)
+        return torch.stack(out)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor the in-memory model calls `name`, whichever layout the files use."""
+        if name in self:
+            return self._raw(name)
+        fused, router = _FUSED.match(name), _ROUTER.match(name)
+        try:
+            if fused and self.spec.hub_expert_names is not None:
+                layer = fused["layer"]
+                if fused["kind"] == "down_proj":
+                    return self._per_expert(layer, 2)
+                return torch.cat([self._per_expert(layer, 0), self._per_expert(layer, 1)], dim=1)
+            if router:
+                alt = f"{router['layer']}.{self.spec.hub_block}.gate.weight"
+                if alt in self:
+                    return self._raw(alt)
+        except KeyError:
+            pass
+        raise KeyError(f"tensor {name!r} not found in {self.path} (neither fused nor per-expert layout)")
