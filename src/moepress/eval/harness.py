@@ -1,0 +1,135 @@
+"""``evaluate``: perplexity, built-in and lm-eval tasks, parameter counts, throughput."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
+from .report import EvalReport
+
+
+def load_model(model, tokenizer=None):
+    """``(model, tokenizer, name)`` from a model object or a path (``trust_remote_code=True``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, (str, Path)):
+        path = str(model)
+        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"model {path!r} is not a local directory and the hub is offline")
+        name = path
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        if tokenizer is None:
+            source = getattr(model.config, "_name_or_path", "")
+            if not source:
+                raise ValueError("evaluate(model_object) needs tokenizer= when the model has no source path")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, name
+
+
+def _resolve_text(entry: str) -> tuple[str, str]:
+    """A ``--ppl`` entry: a text file, ``heldout:<domain>`` or a bare domain name -> (label, text)."""
+    from ..zoo import builtin_domains, builtin_text
+
+    path = Path(entry).expanduser()
+    if path.is_file():
+        return path.name, path.read_text(errors="replace")
+    domain = entry.split(":", 1)[1] if entry.startswith("heldout:") else entry
+    if domain == "calib" or domain in builtin_domains():
+        label = "calib" if domain == "calib" else f"heldout:{domain}"
+        return label, builtin_text(label)
+    raise ValueError(f"--ppl {entry!r} is neither a file nor a built-in text; built-in: calib, "
+                     + ", ".join(f"heldout:{d}" for d in builtin_domains()))
+
+
+def _split_names(values) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    return [part.strip() for value in values or () for part in str(value).split(",") if part.strip()]
+
+
+def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride: int | None = None,
+             batch_size: int = 8, speed: bool = False, baseline=None, lm_eval_limit: int | float | None = None,
+             mc_per_domain: int = 32, log=None) -> EvalReport:
+    """Evaluate a causal LM the same way for every method.
+
+    Args:
+        model: a model object or a local path (loaded with ``trust_remote_code=True``).
+        tokenizer: tokenizer object or path; defaults to the model's directory.
+        ppl: text files or built-in names (``"heldout:linux"``, ``"linux"``, ``"calib"``);
+            perplexity over windows of ``seq_len`` tokens moved by ``stride`` (default ``seq_len``).
+        tasks: ``next_chunk`` (``local_mc``) and ``domain_mc`` are scored directly; any other name
+            runs through lm-eval (``moepress_next_chunk``, ``moepress_heldout_ppl`` built in).
+        speed: also measure prefill and decode tokens/s.
+        baseline: another model or path, evaluated with the same settings; the report then
+            has retained % per metric.
+        lm_eval_limit: passed to lm-eval as ``limit`` (items per task), for quick runs.
+        mc_per_domain: items per domain of the local multiple-choice tasks.
+
+    Returns:
+        EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
+    """
+    log = log or (lambda message: None)
+    model, tokenizer, name = load_model(model, tokenizer)
+    stride = stride or seq_len
+    report = EvalReport(model=name, settings={"seq_len": seq_len, "stride": stride, "batch_size": batch_size})
+
+    from .measure import parameter_counts, throughput
+    from .perplexity import perplexity
+
+    for key, value in parameter_counts(model).items():
+        if isinstance(value, (int, float)):
+            report.metrics[f"params/{key}"] = value
+        else:
+            report.details.setdefault("params", {})[key] = value
+
+    for entry in _split_names(ppl):
+        label, text = _resolve_text(entry)
+        t0 = time.perf_counter()
+        result = perplexity(model, tokenizer, text, seq_len=seq_len, stride=stride, batch_size=batch_size)
+        report.metrics[f"ppl/{label}"] = result.pop("ppl")
+        report.details[f"ppl/{label}"] = {**result, "seconds": round(time.perf_counter() - t0, 2)}
+        log(f"ppl/{label} = {report.metrics[f'ppl/{label}']:.3f}")
+
+    task_names = _split_names(tasks)
+    local = [t for t in task_names if ALIASES.get(t, t) in LOCAL_TASKS]
+    remote = [t for t in task_names if t not in local]
+    if local:
+        from ..zoo import builtin_texts
+
+        texts = builtin_texts()
+        for task in local:
+            items = build_items(task, texts, per_domain=mc_per_domain)
+            result = score_items(model, tokenizer, items, max_len=seq_len, batch_size=batch_size)
+            report.metrics[f"{task}/acc"] = result["acc"]
+            report.metrics[f"{task}/acc_norm"] = result["acc_norm"]
+            report.details[task] = {"n": result["n"], "per_domain_acc": result["per_domain"], "chance": 0.25}
+            log(f"{task}/acc = {result['acc']:.3f}")
+    if remote:
+        from .lm_eval_bridge import run_lm_eval
+
+        for task, metrics in run_lm_eval(model, tokenizer, remote, batch_size=batch_size, limit=lm_eval_limit).items():
+            for metric, value in metrics.items():
+                report.metrics[f"lm_eval:{task}/{metric}"] = value
+        report.settings["lm_eval_limit"] = lm_eval_limit
+
+    if speed:
+        for key, value in throughput(model, len(tokenizer), prompt_len=seq_len).items():
+            (report.metrics if key.endswith("tok_s") else report.details.setdefault("speed", {}))[
+                f"speed/{key}" if key.endswith("tok_s") else key] = value
+
+    if baseline is not None:
+        report.baseline = evaluate(baseline, tokenizer=None if isinstance(baseline, (str, Path)) else tokenizer,
+                                   ppl=ppl, tasks=tasks, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                   speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log)
+    return report

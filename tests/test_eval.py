@@ -1,0 +1,132 @@
+"""The evaluation harness on a tiny random MoE: perplexity, local tasks, report, lm-eval offline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moepress.eval import EvalReport, evaluate
+from moepress.eval.local_tasks import build_items, score_items
+from moepress.eval.perplexity import encode_text, perplexity, scoring_windows, unigram_perplexity
+from moepress.zoo import builtin_domains, builtin_text, builtin_texts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes
+    2-thread runs up to 10x slower under load; restore the setting for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Mixtral saved with a small BPE tokenizer: (model, tokenizer, path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
+
+    from moepress.zoo.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("tiny")
+    train_bpe([builtin_text(f"heldout:{d}")[:10_000] for d in builtin_domains()], vocab_size=320, out=path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    return model, tok, path
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(1000, 64, 64), (1000, 64, 16), (65, 64, 64), (64, 64, 1), (2, 8, 8)])
+def test_windows_score_every_token_once(n, seq_len, stride):
+    windows = scoring_windows(n, seq_len, stride)
+    scored = [i for begin, end, first in windows for i in range(first, end)]
+    assert scored == list(range(1, n))
+    assert all(end - begin <= seq_len and begin < first for begin, end, first in windows)
+
+
+def test_ppl_equals_direct_computation(tiny):
+    model, tok, _ = tiny
+    text = builtin_text("linux")[:2000]
+    ids = encode_text(tok, text)
+    # one window holding the whole text: the model's own shifted cross-entropy
+    with torch.no_grad():
+        direct = model(input_ids=ids[None], labels=ids[None]).loss.item()
+    whole = perplexity(model, tok, text, seq_len=len(ids))
+    assert whole["tokens"] == len(ids) - 1
+    assert math.isclose(whole["ppl"], math.exp(direct), rel_tol=1e-4)
+    # windows of 64 with stride 32: recompute each window's scored tokens by hand
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for begin, end, first in scoring_windows(len(ids), 64, 32):
+            logp = torch.log_softmax(model(input_ids=ids[None, begin:end]).logits[0].double(), -1)
+            for t in range(first, end):
+                nll -= logp[t - begin - 1, ids[t]].item()
+                count += 1
+    windowed = perplexity(model, tok, text, seq_len=64, stride=32, batch_size=3)
+    assert windowed["tokens"] == count and (windowed["seq_len"], windowed["stride"]) == (64, 32)
+    assert math.isclose(windowed["ppl"], math.exp(nll / count), rel_tol=1e-4)
+    # a random model is no better than the oracle unigram of the same tokens
+    assert windowed["ppl"] > windowed["unigram_ppl"]
+
+
+def test_unigram_perplexity():
+    assert math.isclose(unigram_perplexity([1, 2, 3, 4] * 5), 4.0)
+    assert math.isclose(unigram_perplexity([7] * 10), 1.0)
+
+
+def test_local_tasks_are_deterministic_and_scored(tiny):
+    model, tok, _ = tiny
+    texts = builtin_texts()
+    items = build_items("next_chunk", texts, per_domain=3)
+    assert items == build_items("local_mc", texts, per_domain=3)
+    assert len(items) == 3 * len(texts) and {len(i["choices"]) for i in items} == {4}
+    assert all(i["choices"][i["label"]] not in i["choices"][:i["label"]] for i in items)
+    domain_items = build_items("domain_mc", texts, per_domain=2)
+    assert {i["domain"] for i in domain_items} == set(texts)
+    result = score_items(model, tok, items[:6], max_len=64)
+    assert result["n"] == 6 and 0.0 <= result["acc"] <= 1.0
+    with pytest.raises(ValueError, match="built-in"):
+        build_items("hellaswag", texts)
+
+
+def test_evaluate_report_and_baseline(tiny, tmp_path):
+    model, tok, path = tiny
+    small = tmp_path / "small.txt"
+    small.write_text(builtin_text("linux")[:4000])
+    report = evaluate(model, tok, ppl=[str(small), "french"], tasks="next_chunk", seq_len=64, mc_per_domain=2,
+                      baseline=str(path))
+    assert isinstance(report, EvalReport)
+    assert report.settings["seq_len"] == 64 and report.settings["stride"] == 64
+    assert {"ppl/small.txt", "ppl/heldout:french", "next_chunk/acc", "params/total"} <= set(report.metrics)
+    assert report.metrics["params/total"] == sum(p.numel() for p in model.parameters())
+    # the same weights loaded from disk: everything retained at 100 %
+    assert all(math.isclose(v, 100.0, rel_tol=1e-6) for v in report.retained.values())
+    saved = json.loads(report.save_json(tmp_path / "r.json").read_text())
+    assert "retained_percent" in saved and saved["baseline"]["model"] == str(path)
+    assert "ppl/heldout:french" in str(report)
+    with pytest.raises(ValueError, match="built-in"):
+        evaluate(model, tok, ppl=["no-such-file.txt"])
+
+
+def test_speed_measurement(tiny):
+    model, tok, _ = tiny
+    report = evaluate(model, tok, speed=True, seq_len=32)
+    assert report.metrics["speed/prefill_tok_s"] > 0 and report.metrics["speed/decode_tok_s"] > 0
+
+
+def test_lm_eval_local_task_offline(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
+    model, tok, _ = tiny
+    report = evaluate(model, tok, tasks=["moepress_next_chunk"], lm_eval_limit=8)
+    acc = report.metrics["lm_eval:moepress_next_chunk/acc"]
+    assert 0.0 <= acc <= 1.0
