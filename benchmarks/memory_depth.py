@@ -16,12 +16,15 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch, moepress
+import json, sys, time, torch, moepress
 src, calib, method, offload, out = sys.argv[1:6]
 t = time.perf_counter()
 r = moepress.compress(src, method, 0.5, calib=calib, samples=32, seq_len=256, offload=(out + "-work") if offload == "1" else False)
 r.save(out)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would include the parent's
+# memory at fork time (the parent built the source model).
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"peak_rss_mb": int(hwm) / 1024,
                   "seconds": time.perf_counter() - t}))
 """
 

@@ -19,7 +19,13 @@ from .pipeline import compress_layers
 
 
 def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Peak resident memory of this process so far (VmHWM: ru_maxrss would include a parent's at fork)."""
+    try:
+        with open("/proc/self/status") as fh:
+            hwm = next(line for line in fh if line.startswith("VmHWM"))
+        return round(int(hwm.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def load_model(model: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
