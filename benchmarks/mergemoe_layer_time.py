@@ -1,0 +1,119 @@
+"""Wall time of one `mergemoe` layer at Mixtral-8x7B size, and the GEMM efficiency of its heavy stages.
+
+    .venv/bin/python benchmarks/mergemoe_layer_time.py [--tokens 4096] [--hidden 4096] [--intermediate 14336]
+
+One Mixtral MoE block (8 experts, top-2; random N(0, 0.02) weights, fp32) is merged 8 -> 4 with the
+default MergeMoE config on `--tokens` random calibration tokens. Stages are timed by wrapping the
+functions MergeMoE calls (one run, no repetition). The fp32 GEMM throughput of this machine is
+measured first (square matmuls of --gemm-size); the fit stage's FLOPs are counted from the routed
+token counts: per cluster, merged gate+up (4·t·H·I) and each member's gate+up+down (6·t·H·I).
+Memory: ~6 GB for the experts + ~3 GB for the merged block; ~minutes of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import time
+import warnings
+
+import torch
+import transformers
+
+from moepress.arch import FAMILIES, MoELayerView
+from moepress.calib.stats import LayerStatistics
+from moepress.methods import LayerContext, build_method
+from moepress.methods import merging_common
+from moepress.methods.mergemoe import method as mergemoe_module
+from moepress.ops import least_squares
+
+TIMES: dict[str, float] = {}
+
+
+def timed(module, name: str, label: str) -> None:
+    """Replace `module.name` by a wrapper that adds its wall time to TIMES[label]."""
+    fn = getattr(module, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[label] = TIMES.get(label, 0.0) + time.perf_counter() - t0
+
+    setattr(module, name, wrapper)
+
+
+def gemm_gflops(size: int, dtype=torch.float32, repeats: int = 3) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--merged", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--gemm-size", type=int, default=2048)
+    args = parser.parse_args()
+    h, i = args.hidden, args.intermediate
+
+    fp32 = gemm_gflops(args.gemm_size)
+    fp64 = gemm_gflops(args.gemm_size, torch.float64)
+    print(f"threads {torch.get_num_threads()}; GEMM {args.gemm_size}^3: fp32 {fp32:.1f} GFLOP/s, fp64 {fp64:.1f} GFLOP/s")
+
+    config = transformers.MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=args.experts,
+                                        num_experts_per_tok=2, num_hidden_layers=1, vocab_size=128)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    config._experts_implementation = "eager"
+    view = MoELayerView(block, FAMILIES["mixtral"], config, 0)
+    batches = [torch.randn(args.batch, h) for _ in range(args.tokens // args.batch)]
+    print(f"block built in {time.perf_counter() - t0:.1f} s: {args.experts} experts, H={h}, I={i}; "
+          f"{args.tokens} tokens; merging to {args.merged}")
+
+    timed(mergemoe_module, "weight_similarity", "clustering (weight Gram)")
+    timed(mergemoe_module, "average_experts", "gate/up/down weighted average")
+    timed(mergemoe_module, "down_projection_equations", "fit: P and Y_tgt over tokens")
+    timed(least_squares.NormalEquations, "solve", "solve (pinv)")
+    timed(merging_common, "build_remap_block", "build remapped block")
+    timed(merging_common, "layer_relative_error", "calibration error (2 block forwards)")
+    stats = LayerStatistics(view, batches)
+    method = build_method("mergemoe", experts=args.merged)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = method.compress_layer(LayerContext(view, stats, 0, 1))
+    total = time.perf_counter() - t0
+    for label, seconds in TIMES.items():
+        print(f"  {label:<40} {seconds:8.1f} s")
+    print(f"  {'total compress_layer':<40} {total:8.1f} s")
+    fit_tokens = result.record["fit_tokens"]
+    groups = result.record["groups"]
+    flops = sum(int(t) * (4 + 6 * len(groups[int(c)])) * h * i for c, t in fit_tokens.items())
+    fit_s = TIMES["fit: P and Y_tgt over tokens"]
+    print(f"groups {groups}; fit tokens per cluster {fit_tokens}; warnings: {len(caught)} "
+          f"({caught[0].message if caught else ''})"[:400])
+    print(f"fit stage: {flops / 1e12:.2f} TFLOP in {fit_s:.1f} s = {flops / fit_s / 1e9:.1f} GFLOP/s "
+          f"= {100 * flops / fit_s / 1e9 / fp32:.0f}% of measured fp32 GEMM")
+    print(f"calibration relative error of the merged layer: {result.record['calib_rel_error']:.4f}; "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
