@@ -1,0 +1,351 @@
+"""A short fine-tuning loop for moepress results, made for Compressed Experts (ALGORITHMS.md §3.2).
+
+The paper learns the compressed vectors with full supervised fine-tuning (TRL SFTTrainer, packed
+text, AdamW, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs). Here, on packed plain text:
+
+- `train="vectors"`: only the compressed-expert vectors learn (cheap; our addition, the paper
+  always trains the whole model); `"all"`: everything, vectors included (the paper's recipe);
+  `"model"`: everything *except* the vectors (the "top-k_main fine-tuned without vectors" baseline).
+- `distill=True`: loss = KL(teacher || student) on the logits instead of next-token
+  cross-entropy (our addition; needs no labels). The teacher is the same checkpoint with every
+  Compressed Experts block set back to plain top-k (`k_main = k`): exactly the original model,
+  because the routed experts are the stock ones. When the experts train too, the teacher is a
+  frozen copy taken before the first step.
+
+Step counts, not epochs; AdamW with linear warmup then cosine decay to zero. Checkpoints
+(`save_every`) hold the trainable tensors, the optimizer, the step, the loss history and every
+RNG state, so `resume=True` continues bit-for-bit where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+import torch.nn.functional as F
+from torch import nn
+
+VECTOR_NAMES = ("ce_input", "ce_intermediate")
+TRAIN_CHOICES = ("vectors", "all", "model")
+
+
+class FinetuneError(ValueError):
+    """Bad fine-tuning input; the message says what to change."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of `finetune` (recorded in moepress.json under "finetune")."""
+
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-2 vectors, 3e-4 otherwise)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup (paper: 0.03)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never applied to vectors)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = off)"})
+    train: str = field(default="vectors", metadata={"help": "vectors | all | model (all but the vectors)"})
+    distill: bool = field(default=False, metadata={"help": "KL to the original top-k model's logits instead of CE"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    seed: int = field(default=0, metadata={"help": "seed of batch sampling and dropout"})
+
+    def __post_init__(self):
+        if self.train not in TRAIN_CHOICES:
+            raise FinetuneError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise FinetuneError(f"need steps >= 1 and batch size >= 1 (got {self.steps}, {self.batch_size})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise FinetuneError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.temperature <= 0:
+            raise FinetuneError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-2 if self.train == "vectors" else 3e-4)
+
+
+@dataclass
+class FinetuneResult:
+    losses: list[float]
+    steps: int
+    seconds: float
+    trainable_parameters: int
+
+
+def is_vector(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in VECTOR_NAMES
+
+
+def compressed_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "kind", None) == "compressed_experts"]
+
+
+def select_trainable(model: nn.Module, train: str) -> dict[str, nn.Parameter]:
+    """Set `requires_grad` by `train` and return `{name: parameter}` of what trains."""
+    names = [n for n, _ in model.named_parameters() if is_vector(n)]
+    if train == "vectors" and not names:
+        raise FinetuneError(
+            "this model has no compressed-expert vectors; compress it with --method compressed_experts "
+            "first, or fine-tune everything with --train all"
+        )
+    chosen = {}
+    for name, p in model.named_parameters():
+        keep = {"vectors": is_vector(name), "all": True, "model": not is_vector(name)}[train]
+        p.requires_grad_(keep)
+        if keep:
+            chosen[name] = p
+    return chosen
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warmup over `ceil(warmup_ratio * total)` steps, then cosine decay to 0 (paper §3.1)."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_teacher(model: nn.Module, train: str) -> nn.Module:
+    """The original top-k model: a frozen copy with every compressed block set to `k_main = k`."""
+    if not compressed_blocks(model):
+        raise FinetuneError("--distill needs a Compressed Experts model (its teacher is the same model at top-k)")
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for block in compressed_blocks(teacher):
+        block.k_main = block.top_k
+    return teacher
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(softmax(t/T) || softmax(s/T))`, mean over tokens (Hinton et al. 2015)."""
+    t = temperature
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float().flatten(0, -2) / t, dim=-1)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def _loss(model, teacher, ids: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    if teacher is None:
+        return model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits
+    return distillation_loss(model(input_ids=ids).logits, target, config.temperature)
+
+
+# ---------------------------------------------------------------------------------------- state
+def _state(model, trainable, optimizer, step, losses, generator) -> dict:
+    return {
+        "step": step,
+        "losses": losses,
+        "trainable": {n: p.detach().clone() for n, p in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "batch_rng": generator.get_state(),
+    }
+
+
+def save_state(state_dir: Path, state: dict) -> Path:
+    """Write `step-N.pt` atomically and point `latest` at it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"step-{state['step']:07d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    (state_dir / "latest").write_text(path.name + "\n")
+    return path
+
+
+def load_state(state_dir: Path) -> dict | None:
+    latest = state_dir / "latest"
+    if not latest.exists():
+        return None
+    return torch.load(state_dir / latest.read_text().strip(), weights_only=False)
+
+
+def _restore(state, trainable, optimizer, generator) -> None:
+    missing = sorted(set(trainable) ^ set(state["trainable"]))
+    if missing:
+        raise FinetuneError(f"checkpoint does not match this run's trainable parameters (e.g. {missing[:3]}); "
+                            "resume with the same --train")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["batch_rng"])
+
+
+# ----------------------------------------------------------------------------------------- loop
+def _optimizer(trainable: dict[str, nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in trainable.items() if not is_vector(n) and p.dim() >= 2]
+    rest = [p for n, p in trainable.items() if is_vector(n) or p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, 0.95))
+
+
+def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, *,
+             state_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `model` in place on packed sequences `input_ids [n, L]`.
+
+    Args:
+        state_dir: where periodic checkpoints go (needed for `save_every` and `resume`).
+        resume: continue from the latest checkpoint in `state_dir` (model, optimizer, step, RNG).
+    Returns: the loss of every step (including steps done before a resume) and timing.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise FinetuneError(f"need packed sequences [n, seq_len], got shape {tuple(input_ids.shape)}")
+    state_dir = Path(state_dir) if state_dir is not None else None
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    trainable = select_trainable(model, config.train)
+    teacher = make_teacher(model, config.train) if config.distill else None
+    optimizer = _optimizer(trainable, config)
+    step, losses = 0, []
+    if resume:
+        state = load_state(state_dir) if state_dir is not None else None
+        if state is None:
+            raise FinetuneError(f"--resume: no checkpoint found in {state_dir}")
+        _restore(state, trainable, optimizer, generator)
+        step, losses = state["step"], list(state["losses"])
+    t0 = time.perf_counter()
+    model.train()
+    with _progress_bar(progress, config.steps, step) as advance:
+        while step < config.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = config.peak_lr * lr_factor(step, config.steps, config.warmup_ratio)
+            rows = torch.randint(0, input_ids.shape[0], (config.batch_size,), generator=generator)
+            loss = _loss(model, teacher, input_ids[rows], config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            advance(losses[-1])
+            if state_dir is not None and (step == config.steps or (config.save_every and step % config.save_every == 0)):
+                save_state(state_dir, _state(model, trainable, optimizer, step, losses, generator))
+    model.eval()
+    n_train = sum(p.numel() for p in trainable.values())
+    return FinetuneResult(losses, step, time.perf_counter() - t0, n_train)
+
+
+class _progress_bar:
+    """A rich progress bar with the running loss (a no-op when `enabled` is False)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda loss: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar.start()
+        task = self.bar.add_task("finetune", total=self.total, completed=self.done, loss="-")
+        return lambda loss: self.bar.update(task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False
+
+
+def plot_losses(losses: list[float], path: str | Path, title: str = "fine-tuning loss") -> Path:
+    """Save the loss curve (raw and a 10-step running mean) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="step")
+    w = min(10, len(losses))
+    mean = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1]) for i in range(len(losses))]
+    ax.plot(range(1, len(losses) + 1), mean, lw=1.5, label=f"{w}-step mean")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def finetune_record(config: FinetuneConfig, result: FinetuneResult, data: str) -> dict:
+    return {"config": asdict(config), "data": data, "steps": result.steps, "seconds": round(result.seconds, 2),
+            "trainable_parameters": result.trainable_parameters, "final_loss": result.losses[-1],
+            "losses": [round(x, 5) for x in result.losses]}
+
+
+# ------------------------------------------------------------------------------ checkpoint + CLI
+def finetune_checkpoint(checkpoint: str | Path, data: str | Path | None, out: str | Path, config: FinetuneConfig, *,
+                        samples: int = 4096, seq_len: int = 256, resume: bool = False, progress: bool = True,
+                        overwrite: bool = False) -> Path:
+    """Load a moepress result, fine-tune it on packed text from `data`, save a loadable checkpoint.
+
+    Checkpoints go to `<out>.state/` (beside the output, which is replaced atomically at the end);
+    the output holds the model (same custom export as `compress`), its tokenizer, moepress.json
+    (the source record plus a "finetune" entry) and `loss.png`.
+    """
+    import transformers
+
+    from .api import load_model
+    from .calib import build_calibration
+    from .export import read_record, save_checkpoint
+
+    out = Path(out).expanduser()
+    model = load_model(checkpoint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
+    result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
+                      progress=progress)
+    record = read_record(checkpoint) or {"source_model": str(checkpoint)}
+    record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
+    custom = bool(compressed_blocks(model)) or any(getattr(m, "is_moepress_block", False) for m in model.modules())
+    save_checkpoint(model, out, method_name=record.get("method", "finetune"), export="custom" if custom else "stock",
+                    record=record, tokenizer=tokenizer, source=checkpoint, overwrite=overwrite)
+    plot_losses(result.losses, out / "loss.png")
+    return out
+
+
+def finetune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="moepress output (or any supported model) to fine-tune")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="text: file, folder, jsonl or saved dataset (default: built-in)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output directory (default: CHECKPOINT-finetuned)")] = None,
+    train: Annotated[str, typer.Option("--train", help="vectors | all | model (all but the vectors)")] = "vectors",
+    distill: Annotated[bool, typer.Option("--distill", help="KL to the original top-k model's logits")] = False,
+    steps: Annotated[int, typer.Option("--steps")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    samples: Annotated[int, typer.Option("--samples", help="packed training sequences drawn from --data")] = 4096,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak lr (default 1e-2 vectors, 3e-4 otherwise)")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", help="checkpoint every N steps")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.state/latest")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Fine-tune a compressed model (Compressed Experts vectors, or everything) on packed text."""
+    try:
+        config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, train=train, distill=distill,
+                                save_every=save_every, seed=seed)
+        target = out or checkpoint.with_name(checkpoint.name + "-finetuned")
+        path = finetune_checkpoint(checkpoint, data, target, config, samples=samples, seq_len=seq_len,
+                                   resume=resume, progress=not quiet, overwrite=overwrite or resume)
+    except FinetuneError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"saved {path} (loss curve {path / 'loss.png'})")
+
+
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "finetune_checkpoint",
+           "finetune_command", "plot_losses"]

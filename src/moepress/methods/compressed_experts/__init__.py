@@ -1,0 +1,9 @@
+"""Compressed Experts (He, Liu, Liang, Awadalla 2025; ALGORITHMS.md §3)."""
+
+from ..base import register_method
+from .config import CompressedExpertsConfig
+from .method import CompressedExperts
+
+__all__ = ["CompressedExperts", "CompressedExpertsConfig"]
+
+register_method(CompressedExperts)

@@ -1,0 +1,50 @@
+"""Options of the Compressed Experts method (ALGORITHMS.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..base import ConfigError, MethodConfig
+
+
+@dataclass
+class CompressedExpertsConfig(MethodConfig):
+    """`ratio` here is the fraction of each token's activated experts replaced by compressed
+    vectors (0.5 on a top-4 model = 2 main + 2 compressed; DESIGN.md §1). `n_ce` (experts
+    replaced) or `k_main` (experts kept) may be given instead; at most one of the three.
+    Default when none is given: half, as in the paper (top-8 -> 4 + 4, top-2 -> 1 + 1).
+    """
+
+    n_ce: int | None = field(default=None, metadata={"help": "activated experts replaced by compressed vectors per token"})
+    k_main: int | None = field(default=None, metadata={"help": "main experts computed in full per token (top-k - n_ce)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.experts is not None:
+            raise ConfigError(
+                "compressed_experts keeps every expert stored; --experts does not apply. "
+                "Use --ratio (fraction of activated experts replaced) or --opt n_ce=N / k_main=K."
+            )
+        given = [n for n in ("ratio", "n_ce", "k_main") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of ratio, n_ce, k_main (got {', '.join(given)})")
+        if self.n_ce is not None and int(self.n_ce) < 0:
+            raise ConfigError(f"n_ce must be >= 0, got {self.n_ce}")
+        if self.k_main is not None and int(self.k_main) < 1:
+            raise ConfigError(f"k_main must be >= 1, got {self.k_main}")
+
+    def resolve_k_main(self, top_k: int) -> int:
+        """Main experts per token for a model routing to `top_k` experts (a clear error if impossible)."""
+        if self.k_main is not None:
+            k_main = int(self.k_main)
+        elif self.n_ce is not None:
+            k_main = top_k - int(self.n_ce)
+        else:
+            ratio = 0.5 if self.ratio is None else float(self.ratio)
+            k_main = top_k - int(top_k * ratio + 0.5)
+        if not 1 <= k_main <= top_k:
+            raise ConfigError(
+                f"this model routes each token to top-k={top_k} experts; between 0 and {top_k - 1} of them "
+                f"can be replaced by compressed vectors (k_main between 1 and {top_k}), got k_main={k_main}"
+            )
+        return k_main
