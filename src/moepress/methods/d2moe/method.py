@@ -40,6 +40,7 @@ class D2MoE(Method):
     config_class = D2MoEConfig
     export = "custom"
     needs = ("frequency", "expert_gram")
+    requires_resident_model = True  # the Fisher pass back-propagates through the whole model
 
     def __init__(self, config: D2MoEConfig):
         super().__init__(config)
