@@ -13,6 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a busy 2-core
+    machine made small eigh/SVD calls 10-20x slower: run the suite single-threaded."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _stdlib_text() -> str:
     import argparse
     import textwrap

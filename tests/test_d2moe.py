@@ -23,14 +23,6 @@ from moepress.ops.whitened_svd import activation_error, cholesky_whitener, white
 PROJ = ("gate", "up", "down")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small eigh/SVD calls on a shared 2-core machine are much faster without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _ids(seed=1, n=2, length=24):
     return torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(seed))

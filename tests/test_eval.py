@@ -14,15 +14,6 @@ from moepress.eval.perplexity import encode_text, perplexity, scoring_windows, u
 from moepress.zoo import builtin_domains, builtin_text, builtin_texts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes
-    2-thread runs up to 10x slower under load; restore the setting for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

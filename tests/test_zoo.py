@@ -14,15 +14,6 @@ from moepress.zoo.corpus import split_of
 from moepress.zoo.text_cleaning import clean_rst, is_prose, looks_french, parse_foldoc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box OpenMP spinning makes
-    2-thread runs up to 10x slower under load; restore the setting for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):

@@ -38,7 +38,7 @@ def run_demo(out: Path = Path("out/demo"), method: str = "reap", ratio: float = 
     from .zoo import builtin_domains
 
     report = evaluate(str(path), baseline=model_path, seq_len=seq_len, ppl=builtin_domains(),
-                      tasks=["next_chunk", "domain_mc"], speed=True)
+                      tasks=["next_chunk", "domain_mc"], speed=True, mc_per_domain=16)
     console.print(report.table())
     report.save_json(path / "eval.json")
     console.print(f"checkpoint: [bold]{path}[/]  (loads with moepress.load or AutoModelForCausalLM.from_pretrained)")
