@@ -61,3 +61,19 @@ def test_inspect_prints_usage_and_writes_json_and_plot(tiny_checkpoint, calib_fi
     for layer in usage["layers"].values():
         assert abs(sum(layer["usage"]) - 1.0) < 1e-3 and 0 < layer["normalized_entropy"] <= 1
     assert (tmp_path / "plots" / "expert_usage.png").stat().st_size > 1000
+
+
+def test_bench_grid_writes_table_json_and_plot(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    text = tmp_path / "heldout.txt"
+    text.write_text(calib_file.read_text()[:6000])
+    res = runner.invoke(app, ["bench", str(src), "--methods", "frequency,reap", "--ratios", "0.25,0.5",
+                              "--out", str(tmp_path / "rep"), "--calib", str(calib_file), "--samples", "4",
+                              "--seq-len", "32", "--ppl", str(text), "--tasks", ""])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "rep" / "bench.json").read_text())
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("original", 0.0), ("frequency", 0.25), ("frequency", 0.5), ("reap", 0.25), ("reap", 0.5)]
+    assert rows[2]["routed_params"] * 2 == rows[0]["routed_params"]
+    assert "| reap | 0.50 |" in (tmp_path / "rep" / "bench.md").read_text()
+    assert (tmp_path / "rep" / "bench.png").stat().st_size > 1000
