@@ -164,3 +164,16 @@ def test_offloaded_run_equals_in_memory_run(family, tiny_checkpoint, calib_file,
         diff = (reloaded(_ids()).logits - in_memory.model(_ids()).logits).abs().max().item()
     assert diff <= 1e-5
     assert not any((tmp_path / "work").glob("*.safetensors"))  # shards moved into the checkpoint
+
+
+@pytest.mark.parametrize("method", ["mergemoe", "compressed_experts"])
+def test_offloaded_custom_block_export_reloads(method, tiny_checkpoint, calib_file, tmp_path):
+    """Custom blocks (auto_map) also stream: layer shards + config.moepress reload to the same logits."""
+    src = tiny_checkpoint("qwen2_moe")
+    kwargs = dict(calib=calib_file, samples=4, seq_len=32)
+    in_memory = moepress.compress(src, method, 0.5, **kwargs)
+    out = moepress.compress(src, method, 0.5, offload=tmp_path / "work", **kwargs).save(tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["auto_map"]
+    with torch.no_grad():
+        diff = (moepress.load(out)(_ids()).logits - in_memory.model(_ids()).logits).abs().max().item()
+    assert diff <= 1e-5
