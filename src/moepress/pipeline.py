@@ -126,8 +126,7 @@ class InMemoryLayers:
 
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet, *,
-                    batch_size: int = 8, store=None, progress: Callable | None = None,
-                    start_hidden=None) -> dict[int, dict]:
+                    batch_size: int = 8, store=None, progress: Callable | None = None) -> dict[int, dict]:
     """Run `method` over every MoE layer of `model`; returns `{layer index: record}`.
 
     Args:
