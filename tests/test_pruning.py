@@ -177,3 +177,31 @@ def test_offloaded_custom_block_export_reloads(method, tiny_checkpoint, calib_fi
     with torch.no_grad():
         diff = (moepress.load(out)(_ids()).logits - in_memory.model(_ids()).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["reap", "mergemoe"])
+def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    kwargs = dict(calib=calib_file, samples=4, seq_len=32, offload=tmp_path / "work")
+    reference = moepress.compress(src, method, 0.5, calib=calib_file, samples=4, seq_len=32)
+
+    def kill_after_first_layer(done, total, text):
+        if done == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        moepress.compress(src, method, 0.5, progress=kill_after_first_layer, **kwargs)
+    resumed = moepress.compress(src, method, 0.5, **kwargs)
+    assert resumed.record["stages"]["calibration"]["resumed_layers"] == 1
+    assert resumed.records[0].get("resumed") and not resumed.records[1].get("resumed")
+    out = resumed.save(tmp_path / "out")
+    with torch.no_grad():
+        diff = (moepress.load(out)(_ids()).logits - reference.model(_ids()).logits).abs().max().item()
+    assert diff <= 1e-5
+    # a different run (another ratio) never reuses these shards
+    other = moepress.compress(src, method, 0.25, **kwargs)
+    assert other.record["stages"]["calibration"]["resumed_layers"] == 0

@@ -112,6 +112,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         offload: bounded memory for a model given as a path: decoder layers are read from the
             checkpoint one at a time and finished layers written to a work directory (True = a
             temporary one, or the directory to use); the result's model is complete after `save`.
+            Given the work directory of an interrupted run with the same settings, the finished
+            layers are reused (resume).
         options: the method's own config fields.
     Returns: a `CompressionResult`; call `.save(out)`.
     """
@@ -140,6 +142,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     t0 = time.perf_counter()
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len, seed=seed)
     stages["calibration"] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": _peak_rss_mb()}
+    if store is not None:
+        stages["calibration"]["resumed_layers"] = store.resume(_run_key(source, method_obj, calibration, batch_size))
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
@@ -165,6 +169,18 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     }
     record["offload"] = store is not None
     return CompressionResult(model_obj, tok, method_obj, records, record, source, store)
+
+
+def _run_key(source, method: Method, calibration, batch_size: int) -> str:
+    """Identity of a run for resuming: same source, method, config, calibration tokens, batching."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size],
+                        sort_keys=True, default=str).encode())
+    h.update(calibration.input_ids.numpy().tobytes())
+    return h.hexdigest()
 
 
 def methods() -> dict[str, str]:

@@ -120,7 +120,7 @@ class InMemoryLayers:
         layer = decoder_layers(self.model)[index]
         return layer.to(self.device) if self.device is not None else layer
 
-    def offload(self, index: int) -> None:
+    def offload(self, index: int, record: dict | None = None) -> None:
         if self.device is not None:
             decoder_layers(self.model)[index].to("cpu")
 
@@ -145,7 +145,10 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     for i in range(len(layers)):
         t0 = time.perf_counter()
         layer = store.onload(i)
-        if i in moe:
+        finished = store.finished(i) if hasattr(store, "finished") else None
+        if finished is not None:  # resumed: this layer was compressed by an interrupted run
+            records[i] = {**finished, "resumed": True}
+        elif i in moe:
             view = layer_view(model, i)
             stats = LayerStatistics(view, collect_block_inputs(layer, view.block, i, hidden, kwargs))
             ctx = LayerContext(view, stats, moe.index(i), len(moe), model)
@@ -155,9 +158,9 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             records[i] = {**result.record, "tokens": stats.num_tokens}
             del stats, ctx, view
         hidden = run_layer(layer, i, hidden, kwargs)
-        if i in records:
+        if i in records and finished is None:
             records[i]["seconds"] = round(time.perf_counter() - t0, 3)
-        store.offload(i)
+        store.offload(i, records.get(i))
         if progress is not None:
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
     method.finalize(model, records)

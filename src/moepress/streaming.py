@@ -9,6 +9,7 @@ accumulators + the embeddings/head, whatever the depth (benchmarks/memory_depth.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import json
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import decoder_layers, family_of
+from .arch import decoder_layers, family_of, set_expert_count
 from .arch.checkpoint import CheckpointReader
 
 LAYER_PREFIX = "model.layers."
+PROGRESS = "progress.json"
 
 
 def _non_layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,13 +48,41 @@ def _non_layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class StreamingLayers:
-    """Layer store over a source checkpoint; finished layers go to `work_dir` as one shard each."""
+    """Layer store over a source checkpoint; finished layers go to `work_dir` as one shard each.
+
+    Resumable: with `resume(run_key)`, each finished layer's shard, record and block structure are
+    listed in `work_dir/progress.json`; a later run with the same key (same source, method, config
+    and calibration tokens) reloads those layers from their shards instead of compressing them
+    again, and only propagates the calibration states through them.
+    """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, work_dir: Path):
         self.model, self.reader, self.dtype = model, reader, dtype
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.shards: dict[str, str] = {}
+        self.run_key: str | None = None
+        self.done: dict[int, dict] = {}
+
+    def resume(self, run_key: str) -> int:
+        """Adopt the finished layers of an interrupted run with the same key; returns how many.
+
+        A work directory left by a different run is cleared, never mixed in."""
+        self.run_key = run_key
+        progress = self.work_dir / PROGRESS
+        state = json.loads(progress.read_text()) if progress.exists() else {}
+        if state.get("run_key") != run_key:
+            for stale in self.work_dir.glob("layer-*.safetensors"):
+                stale.unlink()
+            progress.unlink(missing_ok=True)
+            return 0
+        self.done = {int(k): v for k, v in state["layers"].items()}
+        self.shards = state["shards"]
+        return len(self.done)
+
+    def finished(self, index: int) -> dict | None:
+        """The record of layer `index` if an earlier run of this key finished it."""
+        return self.done.get(index, {}).get("record")
 
     def _load_into(self, module: nn.Module, prefix: str) -> None:
         module.to_empty(device="cpu")
@@ -68,20 +99,55 @@ class StreamingLayers:
 
     def onload(self, index: int) -> nn.Module:
         layer = decoder_layers(self.model)[index]
-        if next(layer.parameters()).is_meta:
+        if index in self.done:
+            self._restore_finished(layer, index)
+        elif next(layer.parameters()).is_meta:
             self._load_into(layer, f"{LAYER_PREFIX}{index}.")
             self.reader.close()  # unmap what this layer touched
         return layer
 
-    def offload(self, index: int) -> None:
+    def _restore_finished(self, layer: nn.Module, index: int) -> None:
+        """Give layer `index` the structure it had when finished, then load its shard."""
+        block_info = self.done[index]["block"]
+        if "kind" in block_info:
+            from .modeling.modeling_moepress import BLOCK_KINDS
+
+            layer.mlp = BLOCK_KINDS[block_info["kind"]].from_layer_config(layer.mlp, self.model.config, block_info)
+        elif "experts" in block_info:
+            cfg = copy.deepcopy(self.model.config)
+            set_expert_count(cfg, family_of(cfg), block_info["experts"])
+            with torch.device("meta"):
+                layer.mlp = type(layer.mlp)(cfg)
+        layer.to_empty(device="cpu")
+        prefix = f"{LAYER_PREFIX}{index}."
+        with safe_open(self.work_dir / f"layer-{index:05d}.safetensors", "pt") as fh, torch.no_grad():
+            for name, tensor in layer.state_dict(keep_vars=True).items():
+                tensor.copy_(fh.get_tensor(prefix + name))
+
+    def offload(self, index: int, record: dict | None = None) -> None:
         layer = decoder_layers(self.model)[index]
         state = {f"{LAYER_PREFIX}{index}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
         name = f"layer-{index:05d}.safetensors"
         save_file(state, str(self.work_dir / name), metadata={"format": "pt"})
         self.shards.update({k: name for k in state})
         del state
+        if self.run_key is not None:
+            self._record_progress(index, layer.mlp, record)
         layer.to("meta")
         release_freed_memory()
+
+    def _record_progress(self, index: int, block: nn.Module, record: dict | None) -> None:
+        if getattr(block, "is_moepress_block", False):
+            info = block.layer_config()
+        elif hasattr(getattr(block, "experts", None), "gate_up_proj"):
+            info = {"experts": int(block.experts.gate_up_proj.shape[0])}
+        else:
+            info = {}
+        self.done[index] = {"record": record, "block": info}
+        state = {"run_key": self.run_key, "layers": {str(k): v for k, v in self.done.items()}, "shards": self.shards}
+        tmp = self.work_dir / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(state, default=str))
+        tmp.replace(self.work_dir / PROGRESS)  # atomic: a kill never leaves a torn progress file
 
 
 def release_freed_memory() -> None:
