@@ -203,6 +203,7 @@ def write_streamed_checkpoint(model: nn.Module, store: StreamingLayers, tmp: Pat
     weight_map = {k: "model-rest.safetensors" for k in rest}
     for fname in sorted(set(store.shards.values())):
         shutil.move(str(store.work_dir / fname), tmp / fname)
+    (store.work_dir / PROGRESS).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     weight_map.update(store.shards)
     index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
