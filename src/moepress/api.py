@@ -13,7 +13,7 @@ from torch import nn
 
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
-from .export import RECORD_NAME, library_versions, read_record, save_checkpoint
+from .export import RECORD_NAME, library_versions, read_record, save_checkpoint  # noqa: F401
 from .methods import Method, build_method
 from .pipeline import compress_layers
 
@@ -28,22 +28,9 @@ def _peak_rss_mb() -> float:
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def load_model(model: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
-    """Load a model directory or hub id with `from_pretrained` (moepress checkpoints via `load`)."""
-    import transformers
-
-    if Path(str(model)).expanduser().joinpath(RECORD_NAME).exists() or _is_custom(model):
-        return load(model, dtype=dtype)
-    return transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).eval()
-
-
-def _is_custom(path) -> bool:
-    cfg = Path(str(path)).expanduser() / "config.json"
-    return cfg.exists() and '"moepress"' in cfg.read_text()
-
-
 def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
-    """Load a moepress output without `trust_remote_code` (stock results load as the stock class)."""
+    """Load a model directory or hub id; moepress outputs with custom blocks load without
+    `trust_remote_code` (stock models and stock results load as the stock class)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(path))
@@ -131,7 +118,7 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         work = Path(tempfile.mkdtemp(prefix="moepress-work-")) if offload is True else Path(offload)
         model_obj, store = open_streaming(model, work, dtype=dtype or torch.float32)
     elif isinstance(model, (str, Path)):
-        model_obj = load_model(model, dtype=dtype)
+        model_obj = load(model, dtype=dtype)
     else:
         model_obj = model
     family = family_of(model_obj)
@@ -190,4 +177,4 @@ def methods() -> dict[str, str]:
     return {name: cls.summary for name, cls in available_methods().items()}
 
 
-__all__ = ["CompressionResult", "compress", "load", "load_model", "methods", "read_record"]
+__all__ = ["CompressionResult", "compress", "load", "methods", "read_record"]

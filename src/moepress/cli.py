@@ -160,32 +160,21 @@ def demo(
     run_demo(out=out, method=method, ratio=ratio, quiet=quiet)
 
 
-def _optional(module: str, attr: str):
-    """`module.attr`, or None while that subsystem's module does not exist (never hides other errors)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None
-        raise
-
-
-def _register_optional() -> None:
+def _register_subsystems() -> None:
     """Sub-commands that live beside their subsystems (eval, zoo, finetune, bench)."""
-    if (eval_command := _optional("moepress.eval.cli", "eval_command")) is not None:
-        app.command("eval")(eval_command)
-    if (zoo_app := _optional("moepress.zoo.cli", "zoo_app")) is not None:
-        app.add_typer(zoo_app, name="zoo", help="built-in corpus and trained reference MoE models")
-    if (finetune_command := _optional("moepress.finetune", "finetune_command")) is not None:
-        app.command("finetune")(finetune_command)
-    if (bench_command := _optional("moepress.bench", "bench_command")) is not None:
-        app.command("bench")(bench_command)
+    from moepress.bench import bench_command
+    from moepress.eval.cli import eval_command
+    from moepress.finetune import finetune_command
+    from moepress.zoo.cli import zoo_app
+
+    app.command("eval")(eval_command)
+    app.add_typer(zoo_app, name="zoo", help="built-in corpus and trained reference MoE models")
+    app.command("finetune")(finetune_command)
+    app.command("bench")(bench_command)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_register_optional()
+_register_subsystems()
 
 if __name__ == "__main__":
     app()

@@ -299,12 +299,12 @@ def finetune_checkpoint(checkpoint: str | Path, data: str | Path | None, out: st
     """
     import transformers
 
-    from .api import load_model
+    from .api import load
     from .calib import build_calibration
     from .export import read_record, save_checkpoint
 
     out = Path(out).expanduser()
-    model = load_model(checkpoint)
+    model = load(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
     result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .api import _load_tokenizer, load_model
+from .api import _load_tokenizer, load
 from .calib import build_calibration
 from .methods import LayerContext, LayerResult, Method, MethodConfig
 from .pipeline import compress_layers
@@ -30,7 +30,7 @@ class _RecordUsage(Method):
 
 def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None) -> dict:
     """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`."""
-    model_obj = load_model(model) if isinstance(model, (str, Path)) else model
+    model_obj = load(model) if isinstance(model, (str, Path)) else model
     tok = _load_tokenizer(model, tokenizer)
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
     records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration)

@@ -151,6 +151,8 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         elif i in moe:
             view = layer_view(model, i)
             stats = LayerStatistics(view, collect_block_inputs(layer, view.block, i, hidden, kwargs))
+            for name in method.needs:  # declared statistics: computed once here, cached for the method
+                stats[name]
             ctx = LayerContext(view, stats, moe.index(i), len(moe), model)
             result = method.compress_layer(ctx)
             if result.block is not None:

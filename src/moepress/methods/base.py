@@ -56,10 +56,6 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
 
 @dataclass
 class LayerContext:
@@ -97,7 +93,7 @@ class Method:
     summary: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     export: ClassVar[str] = "stock"
-    needs: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()  # statistics the pipeline computes (once) before compress_layer
     requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
 
     def __init__(self, config: MethodConfig):
