@@ -117,6 +117,31 @@ RECIPES: dict[str, TrainRecipe] = {
             steps=900,
             notes="OLMoE-style: 16 experts, top-4, softmax router without renormalisation.",
         ),
+        TrainRecipe(
+            name="qwen3-ref",
+            config_class="Qwen3MoeConfig",
+            config=dict(
+                _COMMON,
+                hidden_size=256,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=64,
+                intermediate_size=768,
+                moe_intermediate_size=192,
+                num_experts=16,
+                num_experts_per_tok=4,
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                router_aux_loss_coef=0.01,
+            ),
+            steps=1000,
+            lr=2e-3,
+            notes="Qwen3-MoE-style, the stronger reference (issue 13): hidden 256, 8 layers, 16 experts of "
+            "width 192, top-4 renormalised; ~21.5 M parameters, wide enough that top-4 -> top-2 costs "
+            "a measurable gap.",
+        ),
     )
 }
 
