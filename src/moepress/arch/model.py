@@ -21,7 +21,7 @@ def family_of(model_or_config) -> FamilySpec:
     if spec is None:
         raise UnsupportedArchitecture(
             f"moepress does not support model_type {model_type!r}. Supported families: "
-            f"{', '.join(SUPPORTED)} (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, gpt-oss)."
+            f"{', '.join(SUPPORTED)}."
         )
     return spec
 

@@ -117,7 +117,7 @@ FAMILY_FACTS: dict[str, Family] = {
             notes="softmax -> top-k, renormalise iff norm_topk_prob; sigmoid-gated shared expert",
         ),
         Family(
-            "qwen3_moe", "Qwen3MoeForCausalLM", "num_experts",
+            "qwen3_moe", "Qwen3MoeForCausalLM", "num_local_experts",  # `num_experts` is only an alias
             renormalise="norm_topk_prob",
             notes="softmax -> top-k, renormalise iff norm_topk_prob",
         ),
