@@ -129,7 +129,8 @@ def test_pack_and_unpack_are_inverse(family):
 
 def test_view_intermediate_of_a_view_convention_expert():
     view = moe_layer_views(tiny_model("gpt_oss"))[0]
-    expert = {k: getattr(view, f"{k}_proj" if k in ("gate", "up") else k)[5] for k in ("gate", "up", "gate_bias", "up_bias")}
+    expert = {"gate": view.gate_proj[5], "up": view.up_proj[5],
+              "gate_bias": view.gate_bias[5], "up_bias": view.up_bias[5]}
     x = torch.randn(7, view.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(view.intermediate_of(expert, x), view.intermediate(5, x))

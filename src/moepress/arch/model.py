@@ -125,7 +125,7 @@ def validate_expert_count(model_or_config, count: int) -> None:
     top_k = int(config.num_experts_per_tok)
     if count < top_k:
         raise ValueError(f"cannot keep {count} experts: the model routes each token to top-k={top_k}")
-    groups = family_of(config).group_routing_of(config)
+    groups = family_of(config).group_routing(config)
     if groups is not None:
         per_group = count // groups.n_group
         if count % groups.n_group or per_group < groups.score_experts or groups.topk_group * per_group < top_k:

@@ -67,21 +67,20 @@ class FamilySpec(Family):
 
     def routing_scale(self, config) -> float:
         """Factor the router multiplies the top-k weights by (DeepSeek's routed_scaling_factor), else 1."""
-        if self.routing_scale_key is None:
-            return 1.0
-        return float(getattr(config, self.routing_scale_key, 1.0) or 1.0)
+        value = None if self.routing_scale_key is None else getattr(config, self.routing_scale_key, None)
+        return 1.0 if value is None else float(value)
 
-    def group_routing_of(self, config) -> GroupRouting | None:
+    def group_routing(self, config) -> GroupRouting | None:
         """The group-limited routing this config runs, or None when selection is plain top-k.
 
         One group (`n_group` 1 or unset) still returns a GroupRouting for `always` families: the
         router's group scoring then needs `score_experts` experts in that one group.
         """
-        if self.group_routing == "never":
+        if self.group_limited == "never":
             return None
-        if self.group_routing == "group_limited_greedy" and getattr(config, "topk_method", None) != "group_limited_greedy":
-            return None
+        if self.group_limited == "group_limited_greedy" and getattr(config, "topk_method", None) != self.group_limited:
+            return None  # DeepSeek-V2 runs plain greedy top-k unless topk_method names the group method
         n_group = int(getattr(config, "n_group", None) or 1)
-        if n_group == 1 and self.group_routing != "always":
+        if n_group == 1 and self.group_limited != "always":
             return None
         return GroupRouting(n_group, int(getattr(config, "topk_group", None) or 1), self.group_score_experts)

@@ -132,7 +132,7 @@ class MoELayerView:
     @property
     def group_routing(self) -> GroupRouting | None:
         """The group-limited routing of this layer's config, or None for plain top-k."""
-        return self.spec.group_routing_of(self.config)
+        return self.spec.group_routing(self.config)
 
     def router_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-expert router tensor (`weight` and e.g. `bias`, `e_score_correction_bias`)."""

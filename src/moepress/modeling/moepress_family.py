@@ -34,7 +34,7 @@ EXPERT_LAYOUTS = ("fused", "interleaved_transposed")
 ACTIVATIONS = ("swiglu", "clamped_swiglu")
 SCORE_KINDS = ("softmax", "sigmoid")
 RENORMALISATIONS = ("always", "norm_topk_prob", "never")
-GROUP_ROUTINGS = ("never", "always", "group_limited_greedy")
+GROUP_LIMITS = ("never", "always", "group_limited_greedy")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Family:
             independent `sigmoid` (DeepSeek-V3).
         renormalise: whether the top-k weights are divided by their sum: `always`, `never`, or
             `norm_topk_prob` (as the config's `norm_topk_prob` says).
-        group_routing: group-limited top-k: `never`, `always` (DeepSeek-V3: `n_group` groups,
+        group_limited: when top-k is group-limited: `never`, `always` (DeepSeek-V3: `n_group` groups,
             the best `topk_group` groups by their top-2 score sum), or `group_limited_greedy`
             (DeepSeek-V2: only when `config.topk_method == "group_limited_greedy"`, groups scored
             by their best expert).
@@ -82,7 +82,7 @@ class Family:
     activation: str = "swiglu"
     score_kind: str = "softmax"
     renormalise: str = "never"
-    group_routing: str = "never"
+    group_limited: str = "never"
     group_score_experts: int = 0
     routing_scale_key: str | None = None
     shared_expert_attrs: tuple[str, ...] = ()
@@ -96,7 +96,7 @@ class Family:
     def __post_init__(self):
         for name, allowed in (("expert_layout", EXPERT_LAYOUTS), ("activation", ACTIVATIONS),
                               ("score_kind", SCORE_KINDS), ("renormalise", RENORMALISATIONS),
-                              ("group_routing", GROUP_ROUTINGS)):
+                              ("group_limited", GROUP_LIMITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.model_type}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -129,7 +129,7 @@ FAMILY_FACTS: dict[str, Family] = {
         Family(
             # the V2 router ignores norm_topk_prob (transformers 5.23 DeepseekV2TopkRouter)
             "deepseek_v2", "DeepseekV2ForCausalLM", "n_routed_experts",
-            group_routing="group_limited_greedy", group_score_experts=1,
+            group_limited="group_limited_greedy", group_score_experts=1,
             routing_scale_key="routed_scaling_factor",
             shared_expert_attrs=("shared_experts",),
             notes="softmax -> (group-limited) top-k x routed_scaling_factor; shared experts; dense first layers",
@@ -137,7 +137,7 @@ FAMILY_FACTS: dict[str, Family] = {
         Family(
             "deepseek_v3", "DeepseekV3ForCausalLM", "n_routed_experts",
             score_kind="sigmoid", renormalise="norm_topk_prob",
-            group_routing="always", group_score_experts=2,
+            group_limited="always", group_score_experts=2,
             routing_scale_key="routed_scaling_factor",
             shared_expert_attrs=("shared_experts",),
             router_buffers=("e_score_correction_bias",),

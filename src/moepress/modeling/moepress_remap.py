@@ -73,8 +73,8 @@ class RemappedMoeBlock(MoepressBlock):
 
     def unpack(self) -> dict:
         """This block's merged experts in the view convention (`gate`, `up`, `down`, biases or None)."""
-        return self.expert_format.unpack(self.gate_up_proj, self.down_proj,
-                                         getattr(self, "gate_up_proj_bias", None), getattr(self, "down_proj_bias", None))
+        biases = (self.gate_up_proj_bias, self.down_proj_bias) if self.biased else (None, None)
+        return self.expert_format.unpack(self.gate_up_proj, self.down_proj, *biases)
 
     @classmethod
     def from_layer_config(cls, stock: nn.Module, config, layer_cfg: dict) -> "RemappedMoeBlock":
