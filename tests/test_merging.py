@@ -229,6 +229,16 @@ def test_stock_export_keeps_singletons_exact_and_sets_export():
         torch.testing.assert_close(_out(block, x), _out(view.block, x), atol=1e-4, rtol=1e-3)
 
 
+def test_export_option_speaks_custom_or_stock_and_accepts_exact():
+    from moepress.methods import ConfigError
+
+    for given in ("custom", "exact"):  # "exact": the option's first name, kept as an alias
+        method = build_method("mergemoe", ratio=0.5, export=given)
+        assert method.config.export == method.export == "custom"
+    with pytest.raises(ConfigError, match="'custom'.*'stock'"):
+        build_method("mergemoe", ratio=0.5, export="approximate")
+
+
 # ---------------------------------------------------------------- save -> reload
 def _ids(seed=1):
     return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(seed))

@@ -14,12 +14,12 @@ from .model import (
     set_moe_block,
     validate_expert_count,
 )
-from .spec import FamilySpec
+from .spec import FamilySpec, GroupRouting
 from .tiny import tiny_config, tiny_model
 from .view import MoELayerView, Routing, set_expert_count
 
 __all__ = [
-    "FAMILIES", "SUPPORTED", "FamilySpec", "MoELayerView", "Routing", "UnsupportedArchitecture",
+    "FAMILIES", "SUPPORTED", "FamilySpec", "GroupRouting", "MoELayerView", "Routing", "UnsupportedArchitecture",
     "decoder_layers", "family_of", "is_stock_moe_block", "layer_view", "moe_layer_indices",
     "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
     "set_moe_block", "validate_expert_count", "tiny_config", "tiny_model",

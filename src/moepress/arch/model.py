@@ -21,7 +21,7 @@ def family_of(model_or_config) -> FamilySpec:
     if spec is None:
         raise UnsupportedArchitecture(
             f"moepress does not support model_type {model_type!r}. Supported families: "
-            f"{', '.join(SUPPORTED)} (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, gpt-oss)."
+            f"{', '.join(SUPPORTED)}."
         )
     return spec
 
@@ -104,9 +104,9 @@ def parameter_counts(model: nn.Module) -> dict:
         if hasattr(block, "moepress_parameter_counts"):
             r, a, e = block.moepress_parameter_counts()
         elif is_stock_moe_block(block, spec):
-            r = sum(p.numel() for p in block.experts.parameters())
-            e = block.experts.gate_up_proj.shape[0]
-            a = r // e * int(model.config.num_experts_per_tok)
+            view = MoELayerView(block, spec, model.config, i)
+            e = view.num_experts
+            r, a = e * view.parameters_per_expert, view.top_k * view.parameters_per_expert
         else:
             continue
         routed, active_routed = routed + r, active_routed + a
@@ -125,12 +125,12 @@ def validate_expert_count(model_or_config, count: int) -> None:
     top_k = int(config.num_experts_per_tok)
     if count < top_k:
         raise ValueError(f"cannot keep {count} experts: the model routes each token to top-k={top_k}")
-    group_limited = getattr(config, "topk_method", "noaux_tc") != "greedy" and getattr(config, "n_group", None)
-    if family_of(config).model_type.startswith("deepseek") and group_limited:
-        n_group, topk_group = int(config.n_group), int(config.topk_group)
-        per_group = count // n_group
-        if count % n_group or per_group < 2 or topk_group * per_group < top_k:
+    groups = family_of(config).group_routing(config)
+    if groups is not None:
+        per_group = count // groups.n_group
+        if count % groups.n_group or per_group < groups.score_experts or groups.topk_group * per_group < top_k:
             raise ValueError(
-                f"DeepSeek group-limited routing needs the expert count divisible by n_group={n_group}, "
-                f">= 2 experts per group and topk_group*experts_per_group >= top-k={top_k}; {count} is not"
+                f"group-limited routing needs the expert count divisible by n_group={groups.n_group}, "
+                f">= {groups.score_experts} experts per group (a group is scored by its top-{groups.score_experts}) "
+                f"and topk_group*experts_per_group >= top-k={top_k}; {count} is not"
             )

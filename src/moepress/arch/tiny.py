@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+from .model import moe_layer_views
+
 _COMMON = dict(
     vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=512, tie_word_embeddings=False,
@@ -44,9 +46,8 @@ def tiny_config(family: str, num_layers: int = 2, **overrides):
         raise ValueError(f"no tiny config for {family!r}; known: {', '.join(_PER_FAMILY)}")
     cls_name, extra = _PER_FAMILY[family]
     kwargs = {**_COMMON, **extra, "num_hidden_layers": num_layers, **overrides}
-    if family.startswith("deepseek"):
-        kwargs["num_hidden_layers"] = num_layers + kwargs.get("first_k_dense_replace", 1)
-    if family == "gpt_oss":
+    kwargs["num_hidden_layers"] += kwargs.get("first_k_dense_replace", 0)  # dense first layers come extra
+    if "layer_types" in kwargs:  # one attention kind per layer, for every layer
         kwargs["layer_types"] = ["full_attention"] * kwargs["num_hidden_layers"]
     return getattr(transformers, cls_name)(**kwargs)
 
@@ -56,14 +57,17 @@ def tiny_model(family: str, seed: int = 0, num_layers: int = 2, dtype=torch.floa
     config = tiny_config(family, num_layers=num_layers, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    views = moe_layer_views(model)
+    experts = {id(p) for v in views for p in v.experts.parameters()}
+    routers = {id(v.router.weight) for v in views}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 3 or name.endswith("gate_up_proj_bias") or name.endswith("down_proj_bias"):
+        for p in model.parameters():  # model order, so a seed always gives the same model
+            if id(p) in experts:
                 p.normal_(0.0, 0.1)  # fused experts may be left uninitialised by from_config
-            if ("gate.weight" in name or "router.weight" in name) and p.dim() == 2 and "shared" not in name:
+            if id(p) in routers:
                 p.normal_(0.0, 0.5)
-        for module in model.modules():
-            bias = getattr(module, "e_score_correction_bias", None)
-            if bias is not None:
-                bias.copy_(torch.randn_like(bias) * 0.05)
+        for v in views:  # selection-only router buffers (DeepSeek-V3's correction bias)
+            for name, t in v.router_tensors().items():
+                if name != "weight" and not isinstance(t, torch.nn.Parameter):
+                    t.copy_(torch.randn_like(t) * 0.05)
     return model.eval()

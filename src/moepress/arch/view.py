@@ -7,7 +7,10 @@ expert in one convention whatever the family:
   For the `fused` layout these are *views* of the live parameters (writes go through);
   for gpt-oss (`interleaved_transposed`) they are strided views as well (`[..., ::2]` transposed).
 - `gate_bias`, `up_bias`: `[E, I]`, `down_bias`: `[E, H]`, or None when the family has none.
-- `route(x)` calls the model's own router module, so routing is reproduced exactly.
+- `route(x)` calls the model's own router module, so routing is reproduced exactly; the routing
+  facts (score kind, renormalisation, group limits, scale) come from the spec.
+The layout conversion, the activation and the one-expert forward are `ExpertFormat`'s
+(modeling/moepress_family.py), shared with the custom blocks that ship in checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .spec import FamilySpec
+from .spec import FamilySpec, GroupRouting
 
 
 class Routing(NamedTuple):
@@ -45,6 +48,7 @@ class MoELayerView:
         self.spec = spec
         self.config = config
         self.layer_index = layer_index
+        self.expert_format = spec.expert_format(config)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -73,40 +77,62 @@ class MoELayerView:
 
     @property
     def interleaved(self) -> bool:
-        return self.spec.layout == "interleaved_transposed"
+        return self.expert_format.interleaved
+
+    def _unpacked(self) -> dict:
+        e = self.experts
+        return self.expert_format.unpack(e.gate_up_proj, e.down_proj, getattr(e, "gate_up_proj_bias", None),
+                                         getattr(e, "down_proj_bias", None))
 
     @property
     def gate_proj(self) -> torch.Tensor:
-        w = self.experts.gate_up_proj
-        if self.interleaved:
-            return w[..., ::2].transpose(1, 2)
-        return w[:, : w.shape[1] // 2]
+        return self._unpacked()["gate"]
 
     @property
     def up_proj(self) -> torch.Tensor:
-        w = self.experts.gate_up_proj
-        if self.interleaved:
-            return w[..., 1::2].transpose(1, 2)
-        return w[:, w.shape[1] // 2 :]
+        return self._unpacked()["up"]
 
     @property
     def down_proj(self) -> torch.Tensor:
-        w = self.experts.down_proj
-        return w.transpose(1, 2) if self.interleaved else w
+        return self._unpacked()["down"]
 
     @property
     def gate_bias(self) -> torch.Tensor | None:
-        b = getattr(self.experts, "gate_up_proj_bias", None)
-        return None if b is None else b[..., ::2]
+        return self._unpacked()["gate_bias"]
 
     @property
     def up_bias(self) -> torch.Tensor | None:
-        b = getattr(self.experts, "gate_up_proj_bias", None)
-        return None if b is None else b[..., 1::2]
+        return self._unpacked()["up_bias"]
 
     @property
     def down_bias(self) -> torch.Tensor | None:
-        return getattr(self.experts, "down_proj_bias", None)
+        return self._unpacked()["down_bias"]
+
+    @property
+    def parameters_per_expert(self) -> int:
+        """Parameters of one routed expert (weights and biases)."""
+        return self.expert_format.parameters_per_expert(self.hidden_size, self.intermediate_size)
+
+    # ------------------------------------------------------------------ routing facts
+    @property
+    def score_kind(self) -> str:
+        """`softmax` or `sigmoid`: what `route(x).scores` holds."""
+        return self.spec.score_kind
+
+    @property
+    def renormalises(self) -> bool:
+        """The router divides the top-k weights by their sum (e.g. `norm_topk_prob`)."""
+        return self.spec.renormalises(self.config)
+
+    @property
+    def routing_scale(self) -> float:
+        """Factor on the top-k weights (DeepSeek's `routed_scaling_factor`), else 1."""
+        return self.spec.routing_scale(self.config)
+
+    @property
+    def group_routing(self) -> GroupRouting | None:
+        """The group-limited routing of this layer's config, or None for plain top-k."""
+        return self.spec.group_routing(self.config)
 
     def router_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-expert router tensor (`weight` and e.g. `bias`, `e_score_correction_bias`)."""
@@ -121,32 +147,29 @@ class MoELayerView:
     def route(self, x: torch.Tensor) -> Routing:
         """Route flat tokens `x [T, H]` with the model's own router module."""
         logits, weights, index = self.router(x)
-        return Routing(logits, self.spec.scores(logits, self.router), weights, index)
+        return Routing(logits, self.spec.scores(logits), weights, index)
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The family's gated activation on pre-activations `[T, I]` (SwiGLU or clamped SwiGLU)."""
-        if self.interleaved:  # gpt-oss: clamped SwiGLU with (up + 1)
-            limit, alpha = self.experts.limit, self.experts.alpha
-            gate = gate.clamp(max=limit)
-            up = up.clamp(min=-limit, max=limit)
-            return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-        return self.experts.act_fn(gate) * up
+        return self.expert_format.activation(gate, up)
 
     def intermediate(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Intermediate activation `h_j(x) [T, I]` of routed expert j."""
-        gate = x @ self.gate_proj[j].T
-        up = x @ self.up_proj[j].T
-        if self.gate_bias is not None:
-            gate = gate + self.gate_bias[j]
-            up = up + self.up_bias[j]
-        return self.activation(gate, up)
+        stored = self.expert_format.stored_expert(self.experts, j)
+        return self.expert_format.intermediate(x, stored["gate_up"], stored.get("gate_up_bias"))
 
     def expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
         """Output `E_j(x) [T, H]` of routed expert j (no routing weight)."""
-        out = self.intermediate(j, x) @ self.down_proj[j].T
-        if self.down_bias is not None:
-            out = out + self.down_bias[j]
-        return out
+        return self.expert_format.forward(x, **self.expert_format.stored_expert(self.experts, j))
+
+    def intermediate_of(self, expert: dict, x: torch.Tensor) -> torch.Tensor:
+        """`h(x) [T, I]` of an expert given in the view convention (e.g. a merged one).
+
+        `expert`: `gate`, `up` `[I, H]` and `gate_bias`, `up_bias` `[I]` (None or absent without biases).
+        """
+        packed = self.expert_format.pack(expert["gate"], expert["up"], gate_bias=expert.get("gate_bias"),
+                                         up_bias=expert.get("up_bias"))
+        return self.expert_format.intermediate(x, packed["gate_up_proj"], packed.get("gate_up_proj_bias"))
 
     def routed_output(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Weighted sum of the routed experts via the model's own experts module: `[T, H]`."""
@@ -193,19 +216,9 @@ class MoELayerView:
         prefix_r = self.spec.router_attr + "."
         for name, t in router.items():
             state[prefix_r + name] = t
-        if self.interleaved:
-            gate_up = torch.empty(m, gate.shape[2], 2 * gate.shape[1], dtype=gate.dtype, device=gate.device)
-            gate_up[..., ::2] = gate.transpose(1, 2)
-            gate_up[..., 1::2] = up.transpose(1, 2)
-            state["experts.gate_up_proj"] = gate_up
-            state["experts.down_proj"] = down.transpose(1, 2).contiguous()
-            bias = torch.empty(m, 2 * gate.shape[1], dtype=gate_bias.dtype, device=gate_bias.device)
-            bias[:, ::2], bias[:, 1::2] = gate_bias, up_bias
-            state["experts.gate_up_proj_bias"] = bias
-            state["experts.down_proj_bias"] = down_bias.contiguous()
-        else:
-            state["experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
-            state["experts.down_proj"] = down.contiguous()
+        packed = self.expert_format.pack(gate, up, down, gate_bias, up_bias, down_bias)
+        for name, t in packed.items():
+            state["experts." + name] = t.contiguous()
         # Never alias the old block's storage: the caller may still read the original.
         old = {t.data_ptr() for t in self.block.state_dict().values()}
         state = {k: v.detach().clone() if v.data_ptr() in old else v.detach() for k, v in state.items()}

@@ -4,9 +4,9 @@ A merging method decides, per MoE layer, an expert map `[N] -> [0, M)` and the M
 (view convention: gate/up `[M, I, H]`, down `[M, H, I]`, gpt-oss biases). This module turns that
 decision into a block:
 
-- `export="exact"` (default): `RemappedMoeBlock` — the model's own N-way router, routing weights of
+- `export="custom"` (default): `RemappedMoeBlock` — the model's own N-way router, routing weights of
   one cluster summed (MergeMoE §3 matrix A). Exactly the method as published; needs the moepress
-  modeling code (auto_map) to load.
+  modeling code (auto_map) to load. `"exact"`, the option's former name, is accepted as an alias.
 - `export="stock"`: the family's own block with M experts and an M-row router fitted by least
   squares to the summed routing (`fit_merged_router`, see ops/router_fit.py). Loads in plain
   transformers/vLLM; the router is an approximation, so outputs differ from the exact block.
@@ -28,18 +28,23 @@ from ..ops.router_fit import summed_sigmoid_target, summed_softmax_target, with_
 from .base import ConfigError, LayerContext, LayerResult, Method, MethodConfig
 
 EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+EXPORT_ALIASES = {"exact": "custom"}  # the option's first name, kept for existing scripts
 
 
 @dataclass
 class MergingConfig(MethodConfig):
-    export: str = field(default="exact", metadata={
-        "help": "exact: N-way router + expert map (custom block, the paper's method); "
+    """`export` uses the vocabulary of `Method.export` (custom|stock); the earlier spelling `exact`
+    is still accepted for `custom` (users' scripts and recipes keep working) and stored as `custom`."""
+
+    export: str = field(default="custom", metadata={
+        "help": "custom: N-way router + expert map (custom block, the paper's method; 'exact' is an alias); "
                 "stock: family's own block with a least-squares-fitted M-row router (approximate)"})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.export not in ("exact", "stock"):
-            raise ConfigError(f"export must be 'exact' or 'stock', got {self.export!r}")
+        self.export = EXPORT_ALIASES.get(self.export, self.export)
+        if self.export not in ("custom", "stock"):
+            raise ConfigError(f"export must be 'custom' (alias 'exact') or 'stock', got {self.export!r}")
 
 
 def expert_tensors(view: MoELayerView) -> dict[str, torch.Tensor | None]:
@@ -68,7 +73,7 @@ def fit_merged_router(view: MoELayerView, stats: LayerStatistics, expert_map: to
     """
     tensors = view.router_tensors()
     has_bias = "bias" in tensors
-    sigmoid = "e_score_correction_bias" in tensors
+    sigmoid = view.score_kind == "sigmoid"
     m = int(expert_map.max()) + 1
     eq = NormalEquations(view.hidden_size + int(has_bias), m)
     for x, routing in stats.routed():
@@ -80,7 +85,7 @@ def fit_merged_router(view: MoELayerView, stats: LayerStatistics, expert_map: to
     out = {"weight": solution[:, : view.hidden_size].to(weight.dtype, copy=True).to(weight.device)}
     if has_bias:
         out["bias"] = solution[:, -1].to(tensors["bias"].dtype).to(weight.device)
-    if sigmoid:
+    if "e_score_correction_bias" in tensors:  # selection-only bias: the members' mean
         corr = tensors["e_score_correction_bias"].detach()
         out["e_score_correction_bias"] = weighted_merge(
             corr[:, None], expert_map.to(corr.device), 1.0 / torch.bincount(expert_map).double()[expert_map]
@@ -94,7 +99,7 @@ def build_stock_block(view: MoELayerView, stats: LayerStatistics, expert_map: to
     try:
         validate_expert_count(view.config, m)
     except ValueError as exc:
-        raise ConfigError(f"export='stock' is impossible here: {exc}; use export='exact'") from None
+        raise ConfigError(f"export='stock' is impossible here: {exc}; use export='custom'") from None
     router = fit_merged_router(view, stats, expert_map)
     biases = {k: merged[k] for k in ("gate_bias", "up_bias", "down_bias") if merged[k] is not None}
     return view.rebuild(merged["gate"], merged["up"], merged["down"], router, **biases)
@@ -145,7 +150,7 @@ class MergingMethod(Method):
     def __init__(self, config: MergingConfig):
         super().__init__(config)
         # Per instance: the pipeline reads `method.export` (stock block + fitted router, or custom block).
-        self.export = "stock" if config.export == "stock" else "custom"
+        self.export = config.export
 
     def merge(self, ctx: LayerContext, m: int) -> tuple[torch.Tensor, dict, dict]:
         raise NotImplementedError

@@ -37,10 +37,10 @@ class PruningMethod(Method):
         keep, extra = self.choose(ctx, m)
         block = None if m == ctx.view.num_experts else ctx.view.select(keep)
         record = {"kept": keep, "experts": m, **extra}
-        n_group = int(getattr(ctx.view.config, "n_group", 1) or 1)
-        if block is not None and n_group > 1 and getattr(ctx.view.config, "topk_method", "") != "greedy":
+        groups = ctx.view.group_routing
+        if block is not None and groups is not None and groups.n_group > 1:
             # Group-limited routing groups experts by position: survivors are regrouped contiguously.
-            record["note"] = f"group-limited routing: survivors re-formed into {n_group} contiguous groups"
+            record["note"] = f"group-limited routing: survivors re-formed into {groups.n_group} contiguous groups"
         return LayerResult(block, record)
 
     def finalize(self, model, records: dict[int, dict]) -> None:

@@ -6,7 +6,5 @@ The files here import only torch and transformers, because they ship inside chec
 from pathlib import Path
 
 MODELING_DIR = Path(__file__).parent
-MODELING_FILES = (
-    "modeling_moepress.py", "moepress_common.py", "moepress_remap.py", "moepress_delta.py",
-    "moepress_compressed.py",
-)
+# Every module here ships (they import one another by relative imports); the package marker does not.
+MODELING_FILES = tuple(sorted(p.name for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py"))

@@ -16,20 +16,10 @@ import transformers
 from .moepress_common import MoepressBlock
 from .moepress_compressed import KINDS as _COMPRESSED_KINDS
 from .moepress_delta import KINDS as _DELTA_KINDS
+from .moepress_family import FAMILY_FACTS, family_facts
 from .moepress_remap import KINDS as _REMAP_KINDS
 
 BLOCK_KINDS: dict[str, type[MoepressBlock]] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KINDS}
-
-BASE_CLASSES = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "phimoe": "PhimoeForCausalLM",
-    "gpt_oss": "GptOssForCausalLM",
-}
 
 
 def install_moepress_blocks(model, config) -> None:
@@ -55,16 +45,13 @@ def _with_moepress_blocks(base_name: str):
     return WithMoepressBlocks
 
 
-MoepressMixtralForCausalLM = _with_moepress_blocks("MixtralForCausalLM")
-MoepressQwen2MoeForCausalLM = _with_moepress_blocks("Qwen2MoeForCausalLM")
-MoepressQwen3MoeForCausalLM = _with_moepress_blocks("Qwen3MoeForCausalLM")
-MoepressOlmoeForCausalLM = _with_moepress_blocks("OlmoeForCausalLM")
-MoepressDeepseekV2ForCausalLM = _with_moepress_blocks("DeepseekV2ForCausalLM")
-MoepressDeepseekV3ForCausalLM = _with_moepress_blocks("DeepseekV3ForCausalLM")
-MoepressPhimoeForCausalLM = _with_moepress_blocks("PhimoeForCausalLM")
-MoepressGptOssForCausalLM = _with_moepress_blocks("GptOssForCausalLM")
-
-
 def class_name_for(model_type: str) -> str:
     """Name of the wrapper class for `model_type` (what `auto_map` points at)."""
-    return f"Moepress{BASE_CLASSES[model_type]}"
+    return f"Moepress{family_facts(model_type).causal_lm_class}"
+
+
+# One wrapper class per family row, as module attributes: auto_map names them (e.g.
+# `modeling_moepress.MoepressMixtralForCausalLM`).
+for _family in FAMILY_FACTS.values():
+    globals()[class_name_for(_family.model_type)] = _with_moepress_blocks(_family.causal_lm_class)
+del _family

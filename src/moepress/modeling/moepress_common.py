@@ -2,23 +2,16 @@
 
 A custom block keeps the family's own router module (and shared experts) as children under the
 same attribute names as the stock block, so routing is the model's own and checkpoint keys for
-those parts are unchanged. Subclasses implement `routed(x, weights, index) -> [T, H]`.
+those parts are unchanged. Subclasses implement `routed(x, weights, index) -> [T, H]`. Every
+per-family fact comes from the family's row in `moepress_family.py`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
-ROUTER_ATTR = {"phimoe": "router", "gpt_oss": "router"}
-SHARED_ATTRS = {
-    "qwen2_moe": ("shared_expert", "shared_expert_gate"),
-    "deepseek_v2": ("shared_experts",),
-    "deepseek_v3": ("shared_experts",),
-}
-TUPLE_OUTPUT = {"gpt_oss"}  # gpt-oss decoder layers unpack (hidden, router_scores)
-BIASED_EXPERTS = {"gpt_oss"}
+from .moepress_family import ExpertFormat, family_facts, shared_expert_output
 
 
 class MoepressBlock(nn.Module):
@@ -26,7 +19,7 @@ class MoepressBlock(nn.Module):
 
     Args:
         stock: a freshly built stock block of the family (its router/shared modules are adopted).
-        config: the model config; `config.model_type` selects the family behaviour.
+        config: the model config; `config.model_type` selects the family row.
     """
 
     is_moepress_block = True
@@ -35,16 +28,15 @@ class MoepressBlock(nn.Module):
     def __init__(self, stock: nn.Module, config):
         super().__init__()
         self.model_type = config.model_type
-        self.router_attr = ROUTER_ATTR.get(self.model_type, "gate")
+        self.family = family_facts(self.model_type)
+        self.router_attr = self.family.router_attr
         setattr(self, self.router_attr, getattr(stock, self.router_attr))
-        for name in SHARED_ATTRS.get(self.model_type, ()):
+        for name in self.family.shared_expert_attrs:
             setattr(self, name, getattr(stock, name))
         self.hidden_size = config.hidden_size
         self.top_k = config.num_experts_per_tok
-        self.biased = self.model_type in BIASED_EXPERTS
-        self.swiglu_alpha = getattr(config, "swiglu_alpha", None)
-        self.swiglu_limit = getattr(config, "swiglu_limit", None)
-        self.act_fn = ACT2FN[getattr(config, "hidden_act", "silu")]
+        self.expert_format = ExpertFormat(self.family, config)
+        self.biased = self.expert_format.biased
 
     @property
     def router(self) -> nn.Module:
@@ -52,20 +44,11 @@ class MoepressBlock(nn.Module):
         return self._modules[self.router_attr]
 
     def gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """SwiGLU, or gpt-oss's clamped SwiGLU `(up + 1) * gate * sigmoid(alpha * gate)`."""
-        if self.biased:
-            gate = gate.clamp(max=self.swiglu_limit)
-            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
-            return (up + 1) * (gate * torch.sigmoid(gate * self.swiglu_alpha))
-        return self.act_fn(gate) * up
+        """The family's gated activation (SwiGLU, or gpt-oss's clamped SwiGLU)."""
+        return self.expert_format.activation(gate, up)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
-        names = SHARED_ATTRS.get(self.model_type, ())
-        if not names:
-            return None
-        if "shared_expert_gate" in names:
-            return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return getattr(self, names[0])(x)
+        return shared_expert_output(self.family, self, x)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -79,7 +62,7 @@ class MoepressBlock(nn.Module):
         if shared is not None:
             out = out + shared
         out = out.reshape(shape)
-        if self.model_type in TUPLE_OUTPUT:
+        if self.family.block_returns_tuple:  # gpt-oss decoder layers unpack (hidden, router_scores)
             return out, weights
         return out
 

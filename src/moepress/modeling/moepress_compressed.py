@@ -29,8 +29,6 @@ from torch import nn
 
 from .moepress_common import MoepressBlock
 
-INTERLEAVED_TRANSPOSED = {"gpt_oss"}  # gate_up_proj [E, H, 2I] (gate = [..., ::2]), down_proj [E, I, H]
-
 
 def split_main_auxiliary(weights: torch.Tensor, index: torch.Tensor, k_main: int):
     """Sort each token's top-k by routing weight (descending) and split after `k_main`.
@@ -72,10 +70,9 @@ class CompressedExpertsBlock(MoepressBlock):
             raise ValueError(f"k_main must be between 1 and top-k={self.top_k}, got {k_main}")
         self.experts = stock.experts
         self.k_main = int(k_main)
-        self.interleaved = self.model_type in INTERLEAVED_TRANSPOSED
         w = self.experts.gate_up_proj
         self.num_experts = w.shape[0]
-        self.intermediate_size = w.shape[-1] // 2 if self.interleaved else w.shape[1] // 2
+        self.intermediate_size = self.expert_format.unpack(w)["gate"].shape[1]
         kw = dict(dtype=w.dtype, device=w.device)
         self.ce_input = nn.Parameter(torch.ones(self.num_experts, 2, self.hidden_size, **kw))
         self.ce_intermediate = nn.Parameter(torch.ones(self.num_experts, self.intermediate_size, **kw))
@@ -84,24 +81,10 @@ class CompressedExpertsBlock(MoepressBlock):
     def n_ce(self) -> int:
         return self.top_k - self.k_main
 
-    # ------------------------------------------------------------------ one expert
     def _expert(self, j: int, x_gate, x_up, mid_scale):
         """Expert j on `[t, H]` inputs already scaled for its gate and up projections."""
-        e = self.experts
-        if self.interleaved:
-            gu, b = e.gate_up_proj[j], e.gate_up_proj_bias[j]
-            gate = x_gate @ gu[:, ::2] + b[::2]
-            up = x_up @ gu[:, 1::2] + b[1::2]
-        else:
-            i = self.intermediate_size
-            gate = nn.functional.linear(x_gate, e.gate_up_proj[j, :i])
-            up = nn.functional.linear(x_up, e.gate_up_proj[j, i:])
-        h = self.gated_activation(gate, up)
-        if mid_scale is not None:
-            h = h * mid_scale
-        if self.interleaved:
-            return h @ e.down_proj[j] + e.down_proj_bias[j]
-        return nn.functional.linear(h, e.down_proj[j])
+        return self.expert_format.forward(x_gate, **self.expert_format.stored_expert(self.experts, j),
+                                          x_up=x_up, mid_scale=mid_scale)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         main_w, main_i, aux_w, aux_i = split_main_auxiliary(weights, index, self.k_main)
@@ -114,7 +97,7 @@ class CompressedExpertsBlock(MoepressBlock):
             token, slot = torch.where(main_i == j)
             xj = x[token]
             if in_scale is None:
-                y = self._expert(j, xj, xj, None)
+                y = self._expert(j, xj, None, None)
             else:
                 y = self._expert(j, xj * in_scale[token, 0], xj * in_scale[token, 1], mid_scale[token])
             out.index_add_(0, token, (y * main_w[token, slot, None]).to(out.dtype))
@@ -136,7 +119,7 @@ class CompressedExpertsBlock(MoepressBlock):
 
         Active = `k_main` full experts + the `n_ce` auxiliary experts' vectors (read per token).
         """
-        expert = sum(p.numel() for p in self.experts.parameters()) // self.num_experts
+        expert = self.expert_format.parameters_per_expert(self.hidden_size, self.intermediate_size)
         vectors = (self.ce_input.numel() + self.ce_intermediate.numel()) // self.num_experts
         stored = self.num_experts * (expert + vectors)
         return stored, self.k_main * expert + self.n_ce * vectors, self.num_experts

@@ -36,14 +36,8 @@ class RemappedMoeBlock(MoepressBlock):
         m, i, h = int(num_merged), int(intermediate_size), self.hidden_size
         dtype = getattr(stock, self.router_attr).weight.dtype
         self.num_merged, self.num_experts, self.intermediate_size = m, int(num_experts), i
-        if self.biased:  # gpt-oss: transposed, gate/up interleaved, with biases
-            self.gate_up_proj = nn.Parameter(torch.empty(m, h, 2 * i, dtype=dtype))
-            self.gate_up_proj_bias = nn.Parameter(torch.empty(m, 2 * i, dtype=dtype))
-            self.down_proj = nn.Parameter(torch.empty(m, i, h, dtype=dtype))
-            self.down_proj_bias = nn.Parameter(torch.empty(m, h, dtype=dtype))
-        else:
-            self.gate_up_proj = nn.Parameter(torch.empty(m, 2 * i, h, dtype=dtype))
-            self.down_proj = nn.Parameter(torch.empty(m, h, i, dtype=dtype))
+        for name, shape in self.expert_format.stored_shapes(m, h, i).items():  # the stock experts' layout
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dtype)))
         self.register_buffer("expert_map", torch.arange(self.num_experts) % max(m, 1), persistent=True)
 
     # ------------------------------------------------------------------ building
@@ -75,26 +69,12 @@ class RemappedMoeBlock(MoepressBlock):
 
     def pack(self, gate, up, down, gate_bias=None, up_bias=None, down_bias=None) -> dict:
         """View-convention tensors -> this block's stored tensors (the family's fused layout)."""
-        if not self.biased:
-            return {"gate_up_proj": torch.cat([gate, up], dim=1), "down_proj": down}
-        if gate_bias is None or up_bias is None or down_bias is None:
-            raise ValueError("gpt-oss experts need gate_bias, up_bias and down_bias")
-        gate_up = torch.stack([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).flatten(-2)
-        bias = torch.stack([gate_bias, up_bias], dim=-1).flatten(-2)
-        return {"gate_up_proj": gate_up, "gate_up_proj_bias": bias,
-                "down_proj": down.transpose(1, 2), "down_proj_bias": down_bias}
+        return self.expert_format.pack(gate, up, down, gate_bias, up_bias, down_bias)
 
     def unpack(self) -> dict:
         """This block's merged experts in the view convention (`gate`, `up`, `down`, biases or None)."""
-        w = self.gate_up_proj
-        if not self.biased:
-            i = self.intermediate_size
-            return {"gate": w[:, :i], "up": w[:, i:], "down": self.down_proj,
-                    "gate_bias": None, "up_bias": None, "down_bias": None}
-        b = self.gate_up_proj_bias
-        return {"gate": w[..., ::2].transpose(1, 2), "up": w[..., 1::2].transpose(1, 2),
-                "down": self.down_proj.transpose(1, 2), "gate_bias": b[:, ::2], "up_bias": b[:, 1::2],
-                "down_bias": self.down_proj_bias}
+        biases = (self.gate_up_proj_bias, self.down_proj_bias) if self.biased else (None, None)
+        return self.expert_format.unpack(self.gate_up_proj, self.down_proj, *biases)
 
     @classmethod
     def from_layer_config(cls, stock: nn.Module, config, layer_cfg: dict) -> "RemappedMoeBlock":
@@ -109,20 +89,13 @@ class RemappedMoeBlock(MoepressBlock):
         }
 
     def moepress_parameter_counts(self) -> tuple[int, int, int]:
-        per_expert = 3 * self.intermediate_size * self.hidden_size
-        if self.biased:
-            per_expert += 2 * self.intermediate_size + self.hidden_size
+        per_expert = self.expert_format.parameters_per_expert(self.hidden_size, self.intermediate_size)
         return per_expert * self.num_merged, per_expert * min(self.top_k, self.num_merged), self.num_merged
 
     # ------------------------------------------------------------------ compute
     def merged_expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Output of merged expert i on `x [t, H]` (no routing weight); same ops as the stock experts."""
-        if not self.biased:
-            gate, up = nn.functional.linear(x, self.gate_up_proj[i]).chunk(2, dim=-1)
-            return nn.functional.linear(self.gated_activation(gate, up), self.down_proj[i])
-        gate_up = x @ self.gate_up_proj[i] + self.gate_up_proj_bias[i]
-        hidden = self.gated_activation(gate_up[..., ::2], gate_up[..., 1::2])
-        return hidden @ self.down_proj[i] + self.down_proj_bias[i]
+        return self.expert_format.forward(x, **self.expert_format.stored_expert(self, i))
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)

@@ -14,10 +14,10 @@ vectors as negligible and leaves them out (Phi-3.5-MoE: 7.45B -> 4.93B); they ch
 
 from __future__ import annotations
 
+# The one expert count, defined beside the expert forward in the file that ships in checkpoints.
+from ..modeling.moepress_family import expert_parameters
 
-def expert_parameters(hidden_size: int, intermediate_size: int, biases: bool = False) -> int:
-    """Parameters of one SwiGLU expert: gate, up `[I, H]`, down `[H, I]` (+ biases `2I + H`)."""
-    return 3 * hidden_size * intermediate_size + ((2 * intermediate_size + hidden_size) if biases else 0)
+__all__ = ["compressed_experts_parameter_counts", "compressed_vector_parameters", "expert_parameters"]
 
 
 def compressed_vector_parameters(hidden_size: int, intermediate_size: int) -> int:

@@ -1,8 +1,8 @@
 """Expert-usage capture and the per-domain specialisation statistic of the reference models.
 
-Routers in transformers 5 return ``(logits, top_k_weights, top_k_index)``; a forward hook on
-every module that returns such a triple sees the real routing (DeepSeek's correction bias and
-group limits included) without knowing the architecture.
+Routers in transformers 5 return ``(logits, top_k_weights, top_k_index)``; a forward hook on the
+router of every MoE layer (found by ``moepress.arch``, which knows each family's router
+attribute) sees the real routing, DeepSeek's correction bias and group limits included.
 """
 
 from __future__ import annotations
@@ -13,37 +13,26 @@ from contextlib import contextmanager
 
 import torch
 
-
-def _is_router_output(output) -> bool:
-    return (
-        isinstance(output, tuple)
-        and len(output) == 3
-        and all(isinstance(t, torch.Tensor) for t in output)
-        and not output[2].is_floating_point()
-        and output[0].dim() == 2
-    )
+from ..arch import moe_layer_views
 
 
 @contextmanager
 def capture_expert_counts(model: torch.nn.Module):
-    """Yields ``counts: dict[layer_name, Tensor[E]]`` accumulating top-k selections per expert."""
+    """Yields ``counts: dict[router module name, Tensor[E]]`` accumulating top-k selections per expert."""
     counts: dict[str, torch.Tensor] = {}
     handles = []
+    names = {id(module): name for name, module in model.named_modules()}
 
-    def make_hook(name):
+    def make_hook(name, num_experts):
         def hook(module, args, output):
-            if not _is_router_output(output):
-                return
-            logits, _, index = output
-            num_experts = logits.shape[-1]
+            index = output[-1]
             selected = torch.bincount(index.reshape(-1).cpu(), minlength=num_experts).double()
             counts[name] = counts.get(name, torch.zeros(num_experts, dtype=torch.float64)) + selected
 
         return hook
 
-    for name, module in model.named_modules():
-        if name.endswith((".gate", ".router")) and getattr(module, "weight", None) is not None:
-            handles.append(module.register_forward_hook(make_hook(name)))
+    for view in moe_layer_views(model):
+        handles.append(view.router.register_forward_hook(make_hook(names[id(view.router)], view.num_experts)))
     try:
         yield counts
     finally:

@@ -42,10 +42,9 @@ def _expert_params(view: MoELayerView) -> list[nn.Parameter]:
 
 
 def _split(view: MoELayerView, fused: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Split fused-layout tensors (like `gate_up_proj`, `down_proj`) into gate/up/down `[E, out, in]`."""
-    shadow = SimpleNamespace(experts=SimpleNamespace(gate_up_proj=fused[0], down_proj=fused[1]))
-    v = MoELayerView(shadow, view.spec, view.config, view.layer_index)
-    return {"gate": v.gate_proj, "up": v.up_proj, "down": v.down_proj}
+    """Split stored-layout tensors (like `gate_up_proj`, `down_proj`) into gate/up/down `[E, out, in]`."""
+    unpacked = view.expert_format.unpack(fused[0], fused[1])
+    return {p: unpacked[p] for p in PROJECTIONS}
 
 
 def _count_routing(views: list[MoELayerView], counts: dict[int, torch.Tensor]):

@@ -10,7 +10,7 @@ Per MoE layer, target M experts:
    `Y_tgt = Σ_j B_j W_D,j h_j(X̂)`, via streamed `Y_tgt Pᵀ` and `P Pᵀ` (T1 never built; with fewer
    tokens than f the rows are kept and the same minimum-norm solution is taken in dual form);
    gpt-oss down bias = Σ_j B_j b_j (exact for the bias part);
-5. routing: original N-way router, weights of a cluster summed (`export="exact"`).
+5. routing: original N-way router, weights of a cluster summed (`export="custom"`).
 
 Choices the paper leaves open (documented): X̂ defaults to the tokens routed to the cluster (any
 member in the token's top-k) — the merged expert only ever sees those tokens, so the fit is spent on
@@ -43,10 +43,7 @@ def down_projection_equations(view, batches_routed, members: list[int], coeffici
             x = x[torch.isin(routing.index, member_idx.to(routing.index.device)).any(dim=-1)]
         if x.shape[0] == 0:
             continue
-        gate, up = x @ merged["gate"][i].T, x @ merged["up"][i].T
-        if merged["gate_bias"] is not None:
-            gate, up = gate + merged["gate_bias"][i], up + merged["up_bias"][i]
-        p = view.activation(gate, up)
+        p = view.intermediate_of({k: None if v is None else v[i] for k, v in merged.items()}, x)
         y = sum(float(coefficients[j]) * (view.intermediate(j, x) @ view.down_proj[j].T) for j in members)
         eq.add(p, y)
     return eq

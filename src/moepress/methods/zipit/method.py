@@ -25,14 +25,6 @@ def expert_of(tensors: dict, j: int) -> dict:
     return {k: None if v is None else v[j].double() for k, v in tensors.items()}
 
 
-def intermediate(view, expert: dict, x: torch.Tensor) -> torch.Tensor:
-    """`h(x) [t, I]` of a single expert given as a dict (family activation, biases if any)."""
-    gate, up = x @ expert["gate"].T, x @ expert["up"].T
-    if expert.get("gate_bias") is not None:
-        gate, up = gate + expert["gate_bias"], up + expert["up_bias"]
-    return view.activation(gate, up)
-
-
 def correlation_of(view, batches, first: dict, second: dict) -> torch.Tensor:
     """Correlation `[2I, 2I]` of the concatenated intermediates of two experts over all tokens."""
     size = 2 * first["gate"].shape[0]
@@ -41,7 +33,7 @@ def correlation_of(view, batches, first: dict, second: dict) -> torch.Tensor:
     count = 0
     for x in batches:
         x = x.double()
-        h = torch.cat([intermediate(view, first, x), intermediate(view, second, x)], dim=1)
+        h = torch.cat([view.intermediate_of(first, x), view.intermediate_of(second, x)], dim=1)
         s1 += h.sum(0)
         s2 += h.T @ h
         count += x.shape[0]
