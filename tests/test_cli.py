@@ -77,3 +77,50 @@ def test_bench_grid_writes_table_json_and_plot(tiny_checkpoint, calib_file, tmp_
     assert rows[2]["routed_params"] * 2 == rows[0]["routed_params"]
     assert "| reap | 0.50 |" in (tmp_path / "rep" / "bench.md").read_text()
     assert (tmp_path / "rep" / "bench.png").stat().st_size > 1000
+
+
+def test_finetune_learns_the_vectors_of_a_compressed_experts_checkpoint(tiny_checkpoint, calib_file, tmp_path):
+    import moepress
+
+    ce = tmp_path / "ce"
+    res = runner.invoke(app, ["compress", str(tiny_checkpoint("olmoe")), "-m", "compressed_experts", "--ratio", "0.5",
+                              "--out", str(ce), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ce-ft"
+    res = runner.invoke(app, ["finetune", str(ce), "--data", str(calib_file), "--steps", "3", "--batch-size", "2",
+                              "--seq-len", "32", "--samples", "8", "--lr", "0.05", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "moepress.json").read_text())
+    assert record["method"] == "compressed_experts" and record["finetune"]["steps"] == 3
+    assert len(record["finetune"]["losses"]) == 3 and record["finetune"]["config"]["train"] == "vectors"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    tuned, original = moepress.load(out), moepress.load(ce)
+    for (name, a), (_, b) in zip(tuned.named_parameters(), original.named_parameters()):
+        assert torch.equal(a, b) != ("ce_" in name), name  # only the vectors moved
+    res = runner.invoke(app, ["finetune", str(tiny_checkpoint("olmoe")), "--data", str(calib_file), "--steps", "1",
+                              "--seq-len", "32", "--samples", "4", "--out", str(tmp_path / "x"), "--quiet"])
+    assert res.exit_code == 2 and "no compressed-expert vectors" in res.output
+
+
+def test_eval_reports_perplexity_and_parameters(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("qwen2_moe")
+    text = tmp_path / "heldout.txt"
+    text.write_text(calib_file.read_text()[:5000])
+    res = runner.invoke(app, ["eval", str(src), "--ppl", str(text), "--seq-len", "32",
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    assert report["metrics"]["params/total"] == sum(p.numel() for p in model.parameters())
+    assert 1.0 < report["metrics"]["ppl/heldout.txt"] < 2 * 512  # a random 512-token model: near uniform
+    res = runner.invoke(app, ["eval", str(src), "--ppl", "no-such-text"])
+    assert res.exit_code == 2 and "neither a file nor a built-in text" in res.output
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "moepress", "methods"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "compressed_experts" in done.stdout

@@ -154,7 +154,7 @@ def test_offloaded_run_equals_in_memory_run(family, tiny_checkpoint, calib_file,
     """Bounded-memory streaming (layers read from either disk layout) gives the same checkpoint."""
     src = tiny_checkpoint(family)
     kwargs = dict(calib=calib_file, samples=4, seq_len=32)
-    in_memory = moepress.compress(src, "reap", 0.5, **kwargs)
+    in_memory = moepress.compress(src, "reap", 0.5, offload=False, **kwargs)
     streamed = moepress.compress(src, "reap", 0.5, offload=tmp_path / "work", **kwargs)
     assert streamed.record["offload"] and next(streamed.model.model.layers.parameters()).is_meta
     assert streamed.records[max(streamed.records)]["kept"] == in_memory.records[max(in_memory.records)]["kept"]
@@ -171,7 +171,7 @@ def test_offloaded_custom_block_export_reloads(method, tiny_checkpoint, calib_fi
     """Custom blocks (auto_map) also stream: layer shards + config.moepress reload to the same logits."""
     src = tiny_checkpoint("qwen2_moe")
     kwargs = dict(calib=calib_file, samples=4, seq_len=32)
-    in_memory = moepress.compress(src, method, 0.5, **kwargs)
+    in_memory = moepress.compress(src, method, 0.5, offload=False, **kwargs)
     out = moepress.compress(src, method, 0.5, offload=tmp_path / "work", **kwargs).save(tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["auto_map"]
     with torch.no_grad():
@@ -187,7 +187,7 @@ class _Killed(Exception):
 def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpoint, calib_file, tmp_path):
     src = tiny_checkpoint("mixtral")
     kwargs = dict(calib=calib_file, samples=4, seq_len=32, offload=tmp_path / "work")
-    reference = moepress.compress(src, method, 0.5, calib=calib_file, samples=4, seq_len=32)
+    reference = moepress.compress(src, method, 0.5, calib=calib_file, samples=4, seq_len=32, offload=False)
 
     def kill_after_first_layer(done, total, text):
         if done == 1:
