@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from moepress.arch import moe_layer_views, parameter_counts, set_moe_block, tiny_model
-from moepress.arch.tiny import _PER_FAMILY
+from moepress.arch import SUPPORTED as FAMILIES
 from moepress.calib.stats import LayerStatistics
 from moepress.methods.compressed_experts.finetune import (
     FinetuneConfig, FinetuneError, finetune, lr_factor, make_teacher, plot_losses,
@@ -20,7 +20,6 @@ from moepress.ops.accounting import (
     expert_parameters,
 )
 
-FAMILIES = sorted(_PER_FAMILY)
 # (family, top-k): all tiny configs are top-2; two top-4 variants exercise several auxiliary experts.
 CASES = [(f, 2) for f in FAMILIES] + [("olmoe", 4), ("gpt_oss", 4)]
 
