@@ -7,6 +7,7 @@ _PACKAGES = (
     "average", "msmoe", "hcsmoe", "zipit", "mergemoe",        # merging
     "d2moe",                                                  # delta decomposition
     "compressed_experts",                                     # fewer active experts
+    "moe_pruner",                                             # unstructured weight pruning
 )
 
 for _name in _PACKAGES:
