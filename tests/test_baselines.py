@@ -10,9 +10,11 @@ import transformers
 
 import moepress
 from moepress.arch import SUPPORTED as FAMILIES
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views, parameter_counts, tiny_model
 from moepress.calib import LayerStatistics
-from moepress.methods import ConfigError, available_methods, build_method
+from moepress.methods import ConfigError, LayerContext, available_methods, build_method
+from moepress.ops.expert_allocation import allocate_pruned_experts, uniform_pruned_experts
+from moepress.ops.low_rank import layer_rank_budget, low_rank_parameters, proportional_ranks
 from moepress.ops.moe_pruner import moe_pruner_scores, n_m_mask, unstructured_row_mask
 
 
@@ -129,3 +131,98 @@ def test_moe_pruner_stock_round_trip(family, tokenizer, calib_file, tmp_path):
     layers = json.loads((out / "moepress.json").read_text())["layers"]
     assert zeros >= sum(v["pruned_weights"] for v in layers.values()) > 0
     assert all(v["routed_nonzero"] < v["routed_parameters"] for v in layers.values())
+
+
+# ---------------------------------------------------------------------------- MoE-I²: budgets and allocation
+def test_pruned_expert_allocation_spends_the_budget_where_experts_matter_least():
+    costs = [torch.tensor([5.0, 0.1, 4.0, 0.2]), torch.tensor([3.0, 3.0, 3.0, 0.3]), torch.tensor([9.0, 8.0, 7.0, 6.0])]
+    allowed = [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert allocate_pruned_experts(costs, allowed, 3) == [2, 1, 0]  # costs 0.1 + 0.2 + 0.3
+    assert allocate_pruned_experts(costs, allowed, 4) == [2, 2, 0]  # next cheapest: 3.0 (layer 1) < 4.0 < 6.0
+    assert allocate_pruned_experts(costs, [[0, 2], [0, 2], [0]], 3) == [2, 0, 0]  # 3 unreachable: closest, smaller
+    assert uniform_pruned_experts([8, 8], [[0, 2, 4], [0, 1, 2, 3]], 0.25) == [2, 2]
+
+
+def test_proportional_ranks_sum_to_the_budget_and_respect_the_cap():
+    assert proportional_ranks([1.0, 1.0, 2.0], 12, cap=10) == [3, 3, 6]
+    assert proportional_ranks([100.0, 1.0, 1.0], 18, cap=10) == [10, 4, 4]  # surplus of the capped one shared
+    assert sum(proportional_ranks([0.3, 0.0, 5.0, 1.0], 17, cap=9)) == 17
+    assert proportional_ranks([1.0, 2.0], 100, cap=8) == [8, 8]
+    assert proportional_ranks([0.0, 0.0], 5, cap=8) == [3, 2]
+    assert layer_rank_budget(hidden=64, intermediate=48, experts=4, keep_fraction=0.5) == 4 * 64 * 48 // (2 * 112)
+
+
+def _first_layer(model, *, x=None, **options):
+    method = build_method("moe_i2", layer_allocation="uniform", **options)
+    views = moe_layer_views(model)
+    x = torch.randn(160, views[0].hidden_size, generator=torch.Generator().manual_seed(0)) if x is None else x
+    stats = LayerStatistics(views[0], [x[:80], x[80:]])
+    return views[0], method.compress_layer(LayerContext(views[0], stats, 0, len(views), model)), x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_i2_full_rank_without_pruning_reproduces_the_layer(family):
+    view, result, x = _first_layer(tiny_model(family), ratio=0.0, rank=10**6)
+    block = result.block
+    assert result.record["kept"] == list(range(view.num_experts))
+    for p in ("gate", "up", "down"):
+        original = getattr(view, f"{p}_proj").detach()
+        for e in range(view.num_experts):
+            torch.testing.assert_close(block.expert_weight(p, e), original[e], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        out = block(x.unsqueeze(0))
+        out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+        assert (out - view.forward(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_moe_i2_parameter_counts_match_the_formula(family):
+    view, result, _ = _first_layer(tiny_model(family), ratio=0.5)
+    h, i, record = view.hidden_size, view.intermediate_size, result.record
+    m, ranks = record["experts"], record["ranks"]
+    assert m == 6 and len(ranks) == m and min(ranks) >= 1  # uniform: 0.5 x 0.5 of 8 experts pruned
+    bias = 0 if view.gate_bias is None else 2 * i + h
+    stored = sum(low_rank_parameters(h, i, r) for r in ranks) + m * bias
+    assert record["routed_parameters_after"] == stored == result.block.moepress_parameter_counts()[0]
+    dense = view.num_experts * (3 * h * i + bias)
+    assert record["routed_parameters_before"] == dense
+    assert stored <= 0.5 * dense and record["achieved_ratio"] == 1 - stored / dense >= 0.5
+    assert dense * 0.5 - stored < 3 * (h + i)  # the budget is spent up to one rank
+
+
+def test_moe_i2_importance_pass_sets_non_uniform_counts_within_the_budget(tokenizer, calib_file):
+    model = tiny_model("olmoe", num_layers=3)
+    result = moepress.compress(model, "moe_i2", 0.5, calib=calib_file, samples=4, seq_len=32, tokenizer=tokenizer)
+    records = result.records.values()
+    assert sum(8 - r["experts"] for r in records) == round(0.25 * 24)
+    assert all(r["removal_importance"] is not None and len(r["removal_importance"]) == 8 for r in records)
+    before = sum(r["routed_parameters_before"] for r in records)
+    after = sum(r["routed_parameters_after"] for r in records)
+    assert 0.5 <= 1 - after / before < 0.55
+    assert parameter_counts(result.model)["routed_experts"] == after
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_i2_save_reload_same_logits(family, tokenizer, calib_file, tmp_path):
+    result = moepress.compress(tiny_model(family), "moe_i2", 0.5, calib=calib_file, samples=4, seq_len=32,
+                               tokenizer=tokenizer)
+    out = result.save(tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" in config and {v["kind"] for v in config["moepress"]["layers"].values()} == {"lowrank"}
+    with torch.no_grad():
+        expected = result.model(_ids()).logits
+        via_moepress = moepress.load(out)(_ids()).logits
+        via_remote_code = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()(_ids()).logits
+    assert (via_moepress - expected).abs().max() <= 1e-5
+    assert (via_remote_code - expected).abs().max() <= 1e-5
+    layers = json.loads((out / "moepress.json").read_text())["layers"]
+    assert {v["experts"] for v in layers.values()} <= set(range(2, 9))
+
+
+def test_moe_i2_config_errors_are_for_people():
+    with pytest.raises(ConfigError, match="not --experts"):
+        build_method("moe_i2", experts=4)
+    with pytest.raises(ConfigError, match="expert_share"):
+        build_method("moe_i2", ratio=0.5, expert_share=1.5)
+    with pytest.raises(ConfigError, match="layer_allocation must be one of"):
+        build_method("moe_i2", ratio=0.5, layer_allocation="genetic")

@@ -8,6 +8,7 @@ _PACKAGES = (
     "d2moe",                                                  # delta decomposition
     "compressed_experts",                                     # fewer active experts
     "moe_pruner",                                             # unstructured weight pruning
+    "moe_i2",                                                 # expert pruning + low rank
 )
 
 for _name in _PACKAGES:
