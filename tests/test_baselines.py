@@ -117,6 +117,13 @@ def test_moe_pruner_config_errors_are_for_people():
         build_method("moe_pruner")
 
 
+def test_moe_pruner_pattern_survives_the_cli_option_parser():
+    from moepress.cli import _parse_opts
+
+    options = _parse_opts(["pattern=2:4"], None)  # YAML 1.1 reads 2:4 as the base-60 number 124
+    assert build_method("moe_pruner", **options).config.pattern == "2:4"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_pruner_stock_round_trip(family, tokenizer, calib_file, tmp_path):
     result = moepress.compress(tiny_model(family), "moe_pruner", 0.5, calib=calib_file, samples=4, seq_len=32,

@@ -26,7 +26,8 @@ class MoEI2Config(MethodConfig):
     max_subsets: int = field(default=5000, metadata={
         "help": "stage-1 search enumerates all expert subsets up to this many; above it greedy elimination"})
     max_tokens: int = field(default=8192, metadata={
-        "help": "calibration tokens per layer used by the stage-1 search losses"})
+        "help": "calibration tokens per layer used by the stage-1 search losses (and the chunk of the "
+                "importance pass); all N expert outputs on them are held in memory"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -57,18 +57,19 @@ class SubsetLoss:
         return torch.tensor([self.squared_error([e for e in kept if e != j]) for j in kept], dtype=torch.float64)
 
 
-def removal_importance(model, views: list[MoELayerView], id_batches) -> dict[int, torch.Tensor]:
+def removal_importance(model, views: list[MoELayerView], id_batches, max_tokens: int = 8192) -> dict[int, torch.Tensor]:
     """Per MoE layer `[N]`: `Σ‖MoE(x) − MoE_{−j}(x)‖² / Σ‖MoE(x)‖²` for removing expert j alone,
-    on the inputs the UNCOMPRESSED model gives the layer (one forward pass over `id_batches`)."""
+    on the inputs the UNCOMPRESSED model gives the layer (one forward pass over `id_batches`; the
+    tokens of a batch are scored `max_tokens` at a time, since all N expert outputs are held)."""
     num = {v.layer_index: torch.zeros(v.num_experts, dtype=torch.float64) for v in views}
     den = {v.layer_index: 0.0 for v in views}
 
     def hook_for(view):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            loss = SubsetLoss(view, x)
-            num[view.layer_index] += loss.removal_errors(list(range(view.num_experts)))
-            den[view.layer_index] += loss.energy
+            for x in args[0].detach().reshape(-1, args[0].shape[-1]).split(max_tokens):
+                loss = SubsetLoss(view, x)
+                num[view.layer_index] += loss.removal_errors(list(range(view.num_experts)))
+                den[view.layer_index] += loss.energy
         return hook
 
     handles = [v.block.register_forward_pre_hook(hook_for(v)) for v in views]

@@ -77,7 +77,7 @@ class MoEI2(Method):
             return
         views = moe_layer_views(model)
         ids = getattr(calibration, "input_ids", calibration)
-        importance = removal_importance(model, views, ids.split(8))
+        importance = removal_importance(model, views, ids.split(8), cfg.max_tokens)
         allowed = [allowed_prune_counts(v) for v in views]
         sizes = [v.num_experts for v in views]
         target = round(stage_split(float(cfg.ratio), float(cfg.expert_share)) * sum(sizes))

@@ -18,8 +18,11 @@ class MoEPrunerConfig(MethodConfig):
         super().__post_init__()
         if self.experts is not None:
             raise ConfigError("moe_pruner keeps every expert and zeroes weights: give --ratio, not --experts")
+        if isinstance(self.pattern, int) and not isinstance(self.pattern, bool):
+            # YAML 1.1 (the CLI's --opt values) reads "2:4" as the base-60 integer 2*60 + 4 = 124
+            self.pattern = f"{self.pattern // 60}:{self.pattern % 60}"
         try:
-            nm = parse_pattern(self.pattern)
+            nm = parse_pattern(str(self.pattern))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if nm is None:
