@@ -19,7 +19,7 @@ class HCSMoEConfig(MergingConfig):
     metric: str = field(default="euclidean", metadata={
         "help": "distance between expert-output features: euclidean (the authors' code) | cosine"})
     merge: str = field(default="frequency", metadata={"help": "within-cluster weights: frequency|uniform"})
-    seed: int = field(default=0, metadata={"help": "seed of the k-means++ draws (cluster=kmeans)"})
+    kmeans_seed: int = field(default=0, metadata={"help": "seed of the k-means++ draws (cluster=kmeans); layer i uses kmeans_seed + i"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -14,7 +14,7 @@ grouping_mixtral.py` and `clustering.py`, read for this implementation):
      option (moepress's earlier default).
    - `cluster="kmeans"`: what the released run scripts actually execute, because they pass the
      misspelt `--cluster="hirarchical"`, which falls through to a K-means with k-means++ seeding and
-     column-standardised distances (ops/kmeans.py). Its result depends on the seed (`seed`).
+     column-standardised distances (ops/kmeans.py). Its result depends on the seed (`kmeans_seed`).
 3. Merge: each group's W_G, W_U, W_D averaged with weights `f_j / Σ_{k∈C} f_k`, f_j = how often
    expert j is in the top-k on the calibration tokens (no permutation alignment); the router keeps
    its N rows and the group members' routing weights are summed (their code binds every member slot
@@ -65,7 +65,7 @@ class HCSMoE(MergingMethod):
         """The expert map `[N]` of this layer's M groups."""
         cfg = self.config
         if cfg.cluster == "kmeans":
-            return standardised_kmeans_grouping(features, m, seed=cfg.seed + position)
+            return standardised_kmeans_grouping(features, m, seed=cfg.kmeans_seed + position)
         return hierarchical_grouping(features, m, linkage=cfg.linkage, metric=cfg.metric)
 
     def merge(self, ctx: LayerContext, m: int):
