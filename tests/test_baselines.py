@@ -233,3 +233,16 @@ def test_moe_i2_config_errors_are_for_people():
         build_method("moe_i2", ratio=0.5, expert_share=1.5)
     with pytest.raises(ConfigError, match="layer_allocation must be one of"):
         build_method("moe_i2", ratio=0.5, layer_allocation="genetic")
+
+
+def test_moe_i2_streams_with_uniform_allocation_and_refuses_offload_for_importance(tiny_checkpoint, calib_file,
+                                                                                     tmp_path):
+    src = tiny_checkpoint("deepseek_v3")
+    kwargs = dict(calib=calib_file, samples=4, seq_len=32, layer_allocation="uniform")
+    in_memory = moepress.compress(src, "moe_i2", 0.5, **kwargs)
+    out = moepress.compress(src, "moe_i2", 0.5, offload=tmp_path / "work", **kwargs).save(tmp_path / "out")
+    with torch.no_grad():
+        diff = (moepress.load(out)(_ids()).logits - in_memory.model(_ids()).logits).abs().max().item()
+    assert diff <= 1e-5
+    with pytest.raises(ValueError, match="needs the whole model in memory"):
+        moepress.compress(src, "moe_i2", 0.5, calib=calib_file, samples=4, seq_len=32, offload=tmp_path / "work2")
