@@ -12,7 +12,9 @@ non-uniform per-layer counts, then intra-expert low-rank decomposition of the su
    Ranks: the layer may keep `q = (1 − ratio)/(1 − p')` of its kept experts' parameters (p' = the
    fraction of experts stage 1 removed, ops/low_rank.py); that rank budget is shared among its
    experts in proportion to their importance within the kept set (one rank per expert for gate,
-   up and down). The checkpoint ships the LowRankMoeBlock (modeling/moepress_lowrank.py) via auto_map.
+   up and down), none above `H·I/(H+I)` where the factors would outweigh the dense expert (the
+   `rank` option overrides all this). The checkpoint ships the LowRankMoeBlock
+   (modeling/moepress_lowrank.py) via auto_map.
 
 Deviations from the paper, and why:
 - The paper's text was not available to us beyond its abstract (ALGORITHMS.md §4.7 marks the
@@ -107,9 +109,10 @@ class MoEI2(Method):
     def expert_ranks(self, view: MoELayerView, loss: SubsetLoss, keep: list[int], keep_fraction: float):
         """Per kept expert the rank of its three projections, and the importances used."""
         h, i = view.hidden_size, view.intermediate_size
-        cap = min(h, i)
         if self.config.rank is not None:
-            return [min(int(self.config.rank), cap)] * len(keep), None
+            return [min(int(self.config.rank), h, i)] * len(keep), None
+        # above H·I/(H+I) the factors would store more than the dense expert: spend that elsewhere
+        cap = max(1, min(h, i, (h * i) // (h + i)))
         base = loss.squared_error(keep)
         importance = (loss.removal_errors(keep) - base).clamp_min(0)
         use = self.config.rank_allocation == "importance" and bool(torch.isfinite(importance).all())
