@@ -6,16 +6,32 @@ from ..base import ConfigError
 from ..merging_common import MergingConfig
 
 LINKAGES = ("average", "single", "complete", "ward")
+METRICS = ("euclidean", "cosine")
+CLUSTERINGS = ("hierarchical", "kmeans")
 
 
 @dataclass
 class HCSMoEConfig(MergingConfig):
+    cluster: str = field(default="hierarchical", metadata={
+        "help": "hierarchical: agglomerative clustering (the paper); kmeans: the standardised K-means "
+                "that HC-SMoE's released run scripts execute (their --cluster value is misspelt)"})
     linkage: str = field(default="average", metadata={"help": "agglomerative linkage: average|single|complete|ward"})
+    metric: str = field(default="euclidean", metadata={
+        "help": "distance between expert-output features: euclidean (the authors' code) | cosine"})
     merge: str = field(default="frequency", metadata={"help": "within-cluster weights: frequency|uniform"})
+    kmeans_seed: int = field(default=0, metadata={"help": "seed of the k-means++ draws (cluster=kmeans); layer i uses kmeans_seed + i"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.cluster not in CLUSTERINGS:
+            raise ConfigError(f"cluster must be one of {CLUSTERINGS}, got {self.cluster!r}")
         if self.linkage not in LINKAGES:
             raise ConfigError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.linkage == "ward" and self.metric != "euclidean":
+            raise ConfigError("linkage='ward' needs metric='euclidean' (Ward's criterion is a Euclidean variance)")
+        if self.cluster == "kmeans" and self.metric != "euclidean":
+            raise ConfigError("cluster='kmeans' is Euclidean (as in the authors' code); use metric='euclidean'")
         if self.merge not in ("frequency", "uniform"):
             raise ConfigError(f"merge must be 'frequency' or 'uniform', got {self.merge!r}")
