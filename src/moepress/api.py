@@ -246,22 +246,26 @@ def methods() -> dict[str, str]:
 
 def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *, samples: int = 4096,
                         seq_len: int = 256, resume: bool = False, progress: bool = True,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, device: str | torch.device = "auto") -> Path:
     """Load a moepress result, fine-tune it on packed text from `data`, save a loadable checkpoint.
 
     `config` is a `methods.compressed_experts.finetune.FinetuneConfig`. Training checkpoints go to
     `<out>.state/` (beside the output, which is replaced atomically at the end); the output holds
     the model (same custom export as `compress`), its tokenizer, moepress.json (the source record
-    plus a "finetune" entry) and `loss.png`.
+    plus a "finetune" entry) and `loss.png`. `device`: where training runs ("auto" | "cpu" | "cuda"
+    | "cuda:N"); the model is saved from the CPU.
     """
     from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses
 
     out = Path(out).expanduser()
+    compute_device = resolve_device(device)
     target = check_output_dir(out, checkpoint, overwrite)
     model, tokenizer = load_pretrained(checkpoint)
+    model.to(compute_device)
     ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
     result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
                       progress=progress)
+    model.to("cpu")
     record = read_record(checkpoint) or {"source_model": str(checkpoint)}
     record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
     custom = any(getattr(m, "is_moepress_block", False) for m in model.modules())

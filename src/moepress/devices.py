@@ -35,8 +35,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         if index and not index.isdigit():
             raise DeviceError(f"device {spec!r}: the GPU index must be a number ({DEVICE_CHOICES})")
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r} asked for a GPU, but torch sees none "
-                              f"(torch.cuda.is_available() is False); use --device cpu or auto")
+            raise DeviceError(f"device {spec!r}: no GPU visible to torch; use --device cpu or auto")
         return _cuda(int(index) if index else None)
     raise DeviceError(f"unknown device {spec!r}; use {DEVICE_CHOICES}")
 
