@@ -112,7 +112,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     compute_device = resolve_device(device)
-    if distributed.init_from_environment(compute_device) and distributed.is_distributed():
+    joined_before = distributed.world_size() > 1
+    if distributed.init_from_environment(compute_device) and not joined_before:
         atexit.register(distributed.shutdown)  # a gloo rank that exits inside its group aborts
     if not distributed.is_main_process():
         progress = None  # one progress display per run, rank 0's
