@@ -3,11 +3,14 @@
 Every decision about how a run goes is taken here, once, for the CLI and for Python callers
 alike: where the output goes (checked before any work), whether decoder layers stream from disk
 (`offload="auto"`), which loader opens the model (`loading.load_pretrained`), whether calibration
-text and a tokenizer are needed at all (`Method.needs_calibration`).
+text and a tokenizer are needed at all (`Method.needs_calibration`), which device computes
+(`devices.resolve_device`, checked first), and whether this is one rank of a data-parallel run
+(`torchrun`: the process group is joined here; every rank compresses, rank 0 alone saves).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import tempfile
 import time
@@ -17,8 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
+from .devices import resolve_device
 from .export import OutputDir, check_output_dir, save_checkpoint
 from .loading import load, load_pretrained, load_tokenizer
 from .methods import ConfigError, Method, build_method
@@ -50,11 +55,16 @@ class CompressionResult:
     def save(self, out: str | Path | None = None, overwrite: bool = False) -> Path:
         """Write the checkpoint + tokenizer + moepress.json atomically; returns the directory.
 
-        `out` defaults to the location given to `compress(out=...)`."""
+        `out` defaults to the location given to `compress(out=...)`.
+        In a data-parallel run rank 0 writes and the other ranks wait for it (all return the path).
+        """
         target = self._output(out, overwrite)
-        path = save_checkpoint(self.model, target, method_name=self.method.name, export=self.method.export,
-                               record=self.record, tokenizer=self.tokenizer, source=self.source,
-                               store=self.store, timed_stage="save")
+        path = target.path
+        if distributed.is_main_process():
+            path = save_checkpoint(self.model, target, method_name=self.method.name, export=self.method.export,
+                                   record=self.record, tokenizer=self.tokenizer, source=self.source,
+                                   store=self.store, timed_stage="save")
+        distributed.barrier()
         if self.store is not None:
             self.store.close()  # the layer shards now live in the checkpoint
         return path
@@ -73,7 +83,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              calib=None, samples: int = 128, seq_len: int | None = None, seed: int = 0,
              batch_size: int = 8, tokenizer=None, dtype: torch.dtype | None = torch.float32,
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
-             progress=None, **options) -> CompressionResult:
+             progress=None, device: str | torch.device = "auto", hidden_on: str = "auto",
+             **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -90,11 +101,22 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
             `.OUT.work` beside `out` (or a temporary one), removed once saved. Rerun with the work
             directory of an interrupted run and the same settings, finished layers are reused.
         out, overwrite: the output directory for `save()`, checked before any work is done.
+        device: "auto" (this rank's GPU if there is one, else the CPU), "cpu", "cuda", "cuda:N":
+            each decoder layer is computed there in turn (the model waits on the CPU).
+        hidden_on: where calibration hidden states wait between layers: "auto", "cpu", "device".
         options: the method's own config fields.
+    Under `torchrun` the calibration sequences are split across ranks and statistics summed
+    (moepress/distributed.py); call `save` on every rank (rank 0 writes).
     Returns: a `CompressionResult`; call `.save(out)`.
     """
     t_start = time.perf_counter()
     torch.manual_seed(seed)
+    compute_device = resolve_device(device)
+    joined_before = distributed.world_size() > 1
+    if distributed.init_from_environment(compute_device) and not joined_before:
+        atexit.register(distributed.shutdown)  # a gloo rank that exits inside its group aborts
+    if not distributed.is_main_process():
+        progress = None  # one progress display per run, rank 0's
     method_obj = build_method(method, ratio=ratio, experts=experts, **options)
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     target = check_output_dir(out, source, overwrite) if out is not None else None
@@ -103,13 +125,14 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     model_obj, tok, store = _open_model(model, method_obj, dtype, tokenizer, work)
     stages = {"load": stage_figures(t0)}
     calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)
+    _check_shards(calibration)
     if store is not None:
         resumed = store.resume(_run_key(source, method_obj, calibration, batch_size))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
-                              store=store)
+                              store=store, device=compute_device, hidden_on=hidden_on)
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
@@ -130,6 +153,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         "stages": stages,
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "offload": store is not None,
+        "device": str(compute_device),
+        "world_size": distributed.world_size(),
     }
     return CompressionResult(model_obj, tok, method_obj, records, record, source, store, target)
 
@@ -145,6 +170,14 @@ def _calibrate(method: Method, model: nn.Module, tokenizer, calib, samples: int,
     calibration = build_calibration(tokenizer, calib, samples=samples, seq_len=seq_len, seed=seed)
     stages["calibration"] = stage_figures(t0)
     return calibration
+
+
+def _check_shards(calibration) -> None:
+    """Every data-parallel rank needs at least one calibration sequence."""
+    ranks = distributed.world_size()
+    if calibration is not None and calibration.input_ids.shape[0] < ranks:
+        raise ConfigError(f"{calibration.input_ids.shape[0]} calibration sequences cannot be split across "
+                          f"{ranks} ranks; use --samples >= {ranks} (or fewer ranks)")
 
 
 def _work_dir(offload, model, method: Method, target: OutputDir | None) -> tuple[Path, bool] | None:
@@ -165,7 +198,9 @@ def _work_dir(offload, model, method: Method, target: OutputDir | None) -> tuple
         return Path(offload), False
     if target is not None:
         return target.path.parent / f".{target.path.name}.work", True
-    return Path(tempfile.mkdtemp(prefix="moepress-work-")), True
+    # one directory for all data-parallel ranks: rank 0's
+    return Path(distributed.broadcast_object(tempfile.mkdtemp(prefix="moepress-work-")
+                                             if distributed.is_main_process() else None)), True
 
 
 def _open_model(model, method: Method, dtype, tokenizer, work: tuple[Path, bool] | None):
@@ -212,22 +247,26 @@ def methods() -> dict[str, str]:
 
 def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *, samples: int = 4096,
                         seq_len: int = 256, resume: bool = False, progress: bool = True,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, device: str | torch.device = "auto") -> Path:
     """Load a moepress result, fine-tune it on packed text from `data`, save a loadable checkpoint.
 
     `config` is a `methods.compressed_experts.finetune.FinetuneConfig`. Training checkpoints go to
     `<out>.state/` (beside the output, which is replaced atomically at the end); the output holds
     the model (same custom export as `compress`), its tokenizer, moepress.json (the source record
-    plus a "finetune" entry) and `loss.png`.
+    plus a "finetune" entry) and `loss.png`. `device`: where training runs ("auto" | "cpu" | "cuda"
+    | "cuda:N"); the model is saved from the CPU.
     """
     from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses
 
     out = Path(out).expanduser()
+    compute_device = resolve_device(device)
     target = check_output_dir(out, checkpoint, overwrite)
     model, tokenizer = load_pretrained(checkpoint)
+    model.to(compute_device)
     ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
     result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
                       progress=progress)
+    model.to("cpu")
     record = read_record(checkpoint) or {"source_model": str(checkpoint)}
     record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
     custom = any(getattr(m, "is_moepress_block", False) for m in model.modules())

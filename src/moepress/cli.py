@@ -58,18 +58,23 @@ def compress(
         None, "--offload/--no-offload", help="read layers from disk one at a time (bounded memory; resumable "
         "from .OUT.work); default: on for a model directory, unless the method needs the whole model resident"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
+    hidden_on: str = typer.Option("auto", "--hidden-on", help="where calibration hidden states wait between "
+                                  "layers: auto | cpu | device"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     import moepress
     from moepress.progress import layer_progress
+    from moepress.devices import resolve_device
 
     try:
         options = _parse_opts(opt, recipe)
+        resolve_device(device)  # a GPU that is not there fails before the progress display starts
         with layer_progress(quiet) as progress:
             result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
                                        seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
                                        offload="auto" if offload is None else offload, out=out,
-                                       overwrite=overwrite, **options)
+                                       overwrite=overwrite, device=device, hidden_on=hidden_on, **options)
         path = result.save()
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
@@ -106,12 +111,13 @@ def inspect(
     seq_len: int = typer.Option(256),
     plot: Optional[Path] = typer.Option(None, help="folder for an expert-usage heatmap PNG"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the usage table as JSON"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Per-layer expert usage on calibration data, as a table (and a heatmap with --plot)."""
     from moepress.inspect import expert_usage, usage_heatmap, usage_table
 
     try:
-        usage = expert_usage(model, calib=calib, samples=samples, seq_len=seq_len)
+        usage = expert_usage(model, calib=calib, samples=samples, seq_len=seq_len, device=device)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     Console().print(usage_table(usage))
@@ -150,6 +156,7 @@ def evaluate(
     speed: bool = typer.Option(False, "--speed/--no-speed", help="also measure prefill/decode tokens/s"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval items per task (quick runs)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Perplexity, multiple-choice tasks, parameter counts and speed of MODEL (and --baseline)."""
     import moepress
@@ -158,7 +165,7 @@ def evaluate(
         report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
                                    batch_size=batch_size, speed=speed, baseline=baseline,
                                    lm_eval_limit=int(limit) if limit and limit >= 1 else limit,
-                                   log=lambda message: console.log(message))
+                                   log=lambda message: console.log(message), device=device)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as exc:
         _fail(exc)
     Console().print(report.table())
@@ -183,6 +190,7 @@ def finetune(
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, "--overwrite"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Fine-tune a compressed model (Compressed Experts vectors, or everything) on packed text."""
     from moepress.api import finetune_checkpoint
@@ -193,7 +201,7 @@ def finetune(
                                 save_every=save_every, seed=seed)
         path = finetune_checkpoint(checkpoint, data, out or checkpoint.with_name(checkpoint.name + "-finetuned"),
                                    config, samples=samples, seq_len=seq_len, resume=resume, progress=not quiet,
-                                   overwrite=overwrite or resume)
+                                   overwrite=overwrite or resume, device=device)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")
@@ -210,6 +218,7 @@ def bench(
     seq_len: int = typer.Option(256),
     ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
     tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
     from moepress.bench import run_grid, write_report
@@ -218,7 +227,7 @@ def bench(
         rows = run_grid(model, [m.strip() for m in methods.split(",") if m.strip()],
                         [float(r) for r in ratios.split(",") if r.strip()], out, calib=calib, samples=samples,
                         seq_len=seq_len, ppl=ppl.split(",") if ppl else None,
-                        tasks=[t for t in tasks.split(",") if t.strip()], log=console.print)
+                        tasks=[t for t in tasks.split(",") if t.strip()], log=console.print, device=device)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     md, png = write_report(rows, out)

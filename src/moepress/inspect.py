@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .calib import build_calibration
+from .devices import resolve_device
 from .loading import load_pretrained
 from .methods import LayerContext, LayerResult, Method, MethodConfig
 from .pipeline import compress_layers
@@ -29,11 +30,15 @@ class _RecordUsage(Method):
                                   "normalized_entropy": round(entropy, 4)})
 
 
-def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None) -> dict:
-    """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`."""
+def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None,
+                 device: str | torch.device = "auto") -> dict:
+    """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`.
+
+    device: where each layer runs (`devices.resolve_device`; the model waits on the CPU)."""
+    compute_device = resolve_device(device)
     model_obj, tok = load_pretrained(model, tokenizer=tokenizer)
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
-    records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration)
+    records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration, device=compute_device)
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
             "calibration": calibration.describe(), "layers": {str(k): v for k, v in records.items()}}
 

@@ -8,6 +8,10 @@ checkpoint (either on-disk layout), compresses it, runs it, writes the finished 
 back to meta. Peak memory is therefore one decoder layer + the calibration hidden states +
 accumulators + the embeddings/head, whatever the depth (benchmarks/memory_depth.py measures it).
 Saving hands the finished shards over to the checkpoint writer (`export.save_checkpoint`).
+
+Data parallel (`torchrun`): every rank streams the layers it propagates through, but rank 0 alone
+owns the work directory: it writes the finished shards and the resume record; the other ranks
+wait at a barrier while it settles the directory at `resume`, then read the same record.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import distributed
 from .arch import decoder_layers, family_of, set_expert_count
 from .arch.checkpoint import CheckpointReader
 
@@ -92,14 +97,17 @@ class StreamingLayers:
     def resume(self, run_key: str) -> int:
         """Adopt the finished layers of an interrupted run with the same key; returns how many.
 
-        A work directory left by a different run is cleared, never mixed in."""
+        A work directory left by a different run is cleared, never mixed in (by rank 0; other
+        data-parallel ranks wait for it at a barrier)."""
         self.run_key = run_key
         progress = self.work_dir / PROGRESS
         state = json.loads(progress.read_text()) if progress.exists() else {}
-        if state.get("run_key") != run_key:
+        if state.get("run_key") != run_key and distributed.is_main_process():
             for stale in self.work_dir.glob("layer-*.safetensors"):
                 stale.unlink()
             progress.unlink(missing_ok=True)
+        distributed.barrier()
+        if state.get("run_key") != run_key:
             return 0
         self.done = {int(k): v for k, v in state["layers"].items()}
         self.shards = state["shards"]
@@ -151,6 +159,12 @@ class StreamingLayers:
 
     def offload(self, index: int, record: dict | None = None) -> None:
         layer = decoder_layers(self.model)[index]
+        if distributed.is_main_process():  # the work directory is rank 0's
+            self._write_finished(layer, index, record)
+        layer.to("meta")
+        release_freed_memory()
+
+    def _write_finished(self, layer: nn.Module, index: int, record: dict | None) -> None:
         state = {f"{LAYER_PREFIX}{index}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
         name = f"layer-{index:05d}.safetensors"
         save_file(state, str(self.work_dir / name), metadata={"format": "pt"})
@@ -158,8 +172,6 @@ class StreamingLayers:
         del state
         if self.run_key is not None:
             self._record_progress(index, layer.mlp, record)
-        layer.to("meta")
-        release_freed_memory()
 
     def _record_progress(self, index: int, block: nn.Module, record: dict | None) -> None:
         if getattr(block, "is_moepress_block", False):

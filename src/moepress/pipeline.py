@@ -9,6 +9,18 @@ through the original model instead — ALGORITHMS.md §6 asks us to record which
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
 inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
+
+Devices: with `device` (e.g. a GPU) each decoder layer is moved there for its turn and back to
+the CPU before the store offloads it; its MoE inputs, statistics and the method's solve live
+there. Hidden states between layers live on `hidden_on` (the CPU when they would not fit; each
+batch then visits the device for the layer's forward).
+
+Data parallel (`torchrun`): each rank captures and propagates its own contiguous shard of the
+calibration sequences (`distributed.shard_slice`); `LayerStatistics` sums every statistic over
+ranks, so every rank takes the same decision from the same reduced statistics, and the block
+of rank 0 is then broadcast into every rank's layer: all ranks propagate bit-identical weights
+even where a solver (e.g. on a GPU) is not bit-reproducible. Every rank solving (rather than
+rank 0 alone) needs no serialisation of method-specific blocks and keeps no rank idle.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from .calib import CalibrationSet, LayerStatistics
 from .layer_store import InMemoryLayers
@@ -29,8 +42,27 @@ class _StopForward(Exception):
     pass
 
 
+def local_batches(calibration: CalibrationSet, batch_size: int) -> list[torch.Tensor]:
+    """This rank's contiguous shard of the calibration sequences in batches (all of them in one process)."""
+    ids = calibration.input_ids[distributed.shard_slice(calibration.input_ids.shape[0])]
+    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+
+
+def to_device(value, device: torch.device | None):
+    """`value` (a tensor or a dict/list/tuple holding tensors) with its tensors on `device`."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
 def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet, batch_size: int):
-    """Inputs of decoder layer 0 for every calibration batch, and each layer's keyword arguments.
+    """Inputs of decoder layer 0 for every calibration batch of this rank, and each layer's keyword arguments.
 
     Decoder layers are temporarily replaced by recorders (their weights are never touched, so
     this works on a model whose layers live on the meta device). Returns `(hidden, kwargs)` where
@@ -65,7 +97,7 @@ def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet, batch_si
     device = next(p.device for p in model.get_input_embeddings().parameters())
     try:
         with torch.no_grad():
-            for ids in calibration.batches(batch_size):
+            for ids in local_batches(calibration, batch_size):
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:
@@ -79,18 +111,22 @@ def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet, batch_si
     return hidden, kwargs
 
 
-def run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """Run decoder layer `index` on every batch of hidden states."""
+def run_layer(layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: dict,
+              device: torch.device | None = None) -> list[torch.Tensor]:
+    """Run decoder layer `index` on every batch of hidden states (each batch visits `device` and
+    comes back to where it was held)."""
     out = []
     with torch.no_grad():
         for h in hidden:
-            y = layer(h, **kwargs[(index, h.shape[0])])
-            out.append(y[0] if isinstance(y, tuple) else y)
+            y = layer(to_device(h, device), **kwargs[(index, h.shape[0])])
+            out.append((y[0] if isinstance(y, tuple) else y).to(h.device))
     return out
 
 
-def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden, kwargs) -> list[torch.Tensor]:
-    """Flat inputs `[b*L, H]` of the MoE block of `layer` for every batch (one layer forward each)."""
+def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden, kwargs,
+                         device: torch.device | None = None) -> list[torch.Tensor]:
+    """Flat inputs `[b*L, H]` of the MoE block of `layer` for every batch (one layer forward each),
+    on the device the layer runs on."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args):
@@ -102,7 +138,7 @@ def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden,
         with torch.no_grad():
             for h in hidden:
                 try:
-                    layer(h, **kwargs[(index, h.shape[0])])
+                    layer(to_device(h, device), **kwargs[(index, h.shape[0])])
                 except _StopForward:
                     pass
     finally:
@@ -111,7 +147,8 @@ def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden,
 
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
-                    batch_size: int = 8, store=None, progress: Callable | None = None) -> dict[int, dict]:
+                    batch_size: int = 8, store=None, progress: Callable | None = None,
+                    device: str | torch.device | None = None, hidden_on: str = "auto") -> dict[int, dict]:
     """Run `method` over every MoE layer of `model`; returns `{layer index: record}`.
 
     A method with `needs_calibration=False` gets no statistics: no hidden states are captured or
@@ -122,28 +159,38 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         store: a layer store (`layer_store.InMemoryLayers`, the default, or `StreamingLayers`)
             with `onload(i) -> layer`, `finished(i) -> record | None` and `offload(i, record)`.
         progress: optional callback `progress(done, total, description)`.
+        device: where each layer is computed (None = where it is); it goes back to the CPU after.
+        hidden_on: where hidden states wait between layers: "cpu", "device" or "auto"
+            (`hidden_placement`).
     """
     store = store or InMemoryLayers(model)
+    device = torch.device(device) if device is not None else None
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
     propagate = method.needs_calibration
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
+    kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
+    hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
     method.prepare(model, calibration)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()
-        layer = store.onload(i)
+        layer = _onto(store.onload(i), device)
         finished = store.finished(i)
         if finished is not None:  # resumed: this layer was compressed by an interrupted run
             records[i] = {**finished, "resumed": True}
         elif i in moe:
-            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs)
+            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device)
+            layer = _onto(layer, device)  # a new block may have been built elsewhere
         if propagate:
-            hidden = run_layer(layer, i, hidden, kwargs)
+            hidden = run_layer(layer, i, hidden, kwargs, device)
         if i in records and finished is None:
+            _synchronize(device)
             records[i]["seconds"] = round(time.perf_counter() - t0, 3)
+        if device is not None and device.type != "cpu":
+            layer.to("cpu")
         store.offload(i, records.get(i))
         if progress is not None:
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
@@ -152,16 +199,44 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
 
 
 def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, index: int, moe: list[int],
-                        hidden: list[torch.Tensor], kwargs: dict) -> dict:
-    """Statistics the method declared (each computed once), its decision, the block installed.
+                        hidden: list[torch.Tensor], kwargs: dict, device: torch.device | None = None) -> dict:
+    """Statistics the method declared (each computed once), its decision, the block installed
+    (rank 0's, broadcast, in a data-parallel run).
 
     The layer's MoE inputs and statistics are freed on return, before the layer propagates."""
     view = layer_view(model, index)
-    inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs) if hidden else []
+    inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs, device) if hidden else []
     stats = LayerStatistics(view, inputs)
     for name in method.needs:
         stats[name]
     result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model))
     if result.block is not None:
+        distributed.broadcast_module_(_onto(result.block, device))
         set_moe_block(model, index, result.block)
     return {**result.record, "tokens": stats.num_tokens}
+
+
+def hidden_placement(hidden: list[torch.Tensor], device: torch.device | None, hidden_on: str = "auto"):
+    """Device for the hidden states between layers: `device` or the CPU.
+
+    "auto": on a GPU when they take at most a quarter of its free memory (the rest is for the
+    layer, its MoE inputs and the accumulators), else on the CPU."""
+    if hidden_on not in ("auto", "cpu", "device"):
+        raise ValueError(f"hidden_on must be 'auto', 'cpu' or 'device', got {hidden_on!r}")
+    if device is None or device.type == "cpu" or hidden_on == "cpu":
+        return torch.device("cpu") if hidden_on == "cpu" else device
+    if hidden_on == "device":
+        return device
+    size = sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+    return device if size <= free // 4 else torch.device("cpu")
+
+
+def _onto(module: nn.Module, device: torch.device | None) -> nn.Module:
+    return module.to(device) if device is not None else module
+
+
+def _synchronize(device: torch.device | None) -> None:
+    """Wait for queued GPU work so a layer's recorded seconds are its real time."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)

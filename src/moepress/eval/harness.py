@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
+from ..devices import resolve_device
 from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
 from .report import EvalReport
 
@@ -47,7 +50,7 @@ def _split_names(values) -> list[str]:
 
 def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride: int | None = None,
              batch_size: int = 8, speed: bool = False, baseline=None, lm_eval_limit: int | float | None = None,
-             mc_per_domain: int = 32, log=None) -> EvalReport:
+             mc_per_domain: int = 32, log=None, device: str | torch.device | None = "auto") -> EvalReport:
     """Evaluate a causal LM the same way for every method.
 
     Args:
@@ -62,12 +65,17 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
             has retained % per metric.
         lm_eval_limit: passed to lm-eval as ``limit`` (items per task), for quick runs.
         mc_per_domain: items per domain of the local multiple-choice tasks.
+        device: "auto" | "cpu" | "cuda" | "cuda:N" (`devices.resolve_device`): the model is moved
+            there (a model object in place); None leaves it where it is.
 
     Returns:
         EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
     """
     log = log or (lambda message: None)
+    target = resolve_device(device) if device is not None else None  # checked before loading
     model, tokenizer, name = _open(model, tokenizer)
+    if target is not None:
+        model.to(target)
     stride = stride or seq_len
     report = EvalReport(model=name, settings={"seq_len": seq_len, "stride": stride, "batch_size": batch_size})
 
@@ -119,5 +127,6 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
     if baseline is not None:
         report.baseline = evaluate(baseline, tokenizer=None if isinstance(baseline, (str, Path)) else tokenizer,
                                    ppl=ppl, tasks=tasks, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                                   speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log)
+                                   speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log,
+                                   device=device)
     return report

@@ -23,17 +23,21 @@ def throughput(model, vocab_size: int, prompt_len: int = 256, batch_size: int = 
     model(input_ids=ids[:, :16])  # warm-up
     prefill = []
     for _ in range(repeats):
+        _synchronize(device)
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=False)
+        _synchronize(device)  # GPU kernels run asynchronously: wait before reading the clock
         prefill.append(time.perf_counter() - t0)
     decode = []
     for _ in range(repeats):
         out = model(input_ids=ids, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _synchronize(device)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _synchronize(device)
         decode.append(time.perf_counter() - t0)
     model.train(was_training)
     return {
@@ -44,3 +48,8 @@ def throughput(model, vocab_size: int, prompt_len: int = 256, batch_size: int = 
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
     }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -77,9 +77,10 @@ def fit_merged_router(view: MoELayerView, stats: LayerStatistics, expert_map: to
     m = int(expert_map.max()) + 1
     eq = NormalEquations(view.hidden_size + int(has_bias), m)
     for x, routing in stats.routed():
-        scores = routing.scores.detach().cpu()
+        scores = routing.scores.detach()
         target = summed_sigmoid_target(scores, expert_map) if sigmoid else summed_softmax_target(scores, expert_map)
-        eq.add(with_intercept(x.cpu()) if has_bias else x.cpu(), target)
+        eq.add(with_intercept(x) if has_bias else x, target)
+    eq = stats.reduce(eq)  # sums over data-parallel ranks
     solution = solve_normal_equations(eq.cross, eq.gram, solver="ridge", ridge=ridge)
     weight = tensors["weight"]
     out = {"weight": solution[:, : view.hidden_size].to(weight.dtype, copy=True).to(weight.device)}
@@ -105,7 +106,7 @@ def build_stock_block(view: MoELayerView, stats: LayerStatistics, expert_map: to
     return view.rebuild(merged["gate"], merged["up"], merged["down"], router, **biases)
 
 
-@statistic("router_logit_similarity")
+@statistic("router_logit_similarity", summed=False)
 def router_logit_similarity(stats: LayerStatistics) -> torch.Tensor:
     """`[N, N]` cosine similarity of the experts' router-logit columns over the calibration tokens.
 
@@ -113,10 +114,11 @@ def router_logit_similarity(stats: LayerStatistics) -> torch.Tensor:
     token; streamed as the Gram `Σ_x z(x) z(x)ᵀ` (fp64).
     """
     n = stats.view.num_experts
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=stats.device)
     for _, r in stats.routed():
-        z = r.logits.detach().double().cpu()
+        z = r.logits.detach().double()
         gram += z.T @ z
+    gram = stats.reduce(gram)  # summed over data-parallel ranks before normalising
     d = gram.diagonal().clamp_min(1e-300).sqrt()
     return gram / torch.outer(d, d)
 
@@ -130,8 +132,10 @@ def weight_similarity(tensors: dict, metric: str = "cosine") -> torch.Tensor:
     return similarity_from_gram(gram, metric)
 
 
-def layer_relative_error(view: MoELayerView, block, batches: list[torch.Tensor]) -> float:
-    """`Σ‖block(x) − original(x)‖² / Σ‖original(x)‖²` over the calibration batches (whole block output)."""
+def layer_relative_error(view: MoELayerView, block, batches: list[torch.Tensor], reduce=None) -> float:
+    """`Σ‖block(x) − original(x)‖² / Σ‖original(x)‖²` over the calibration batches (whole block output).
+
+    `reduce` sums the two totals over data-parallel ranks (`LayerStatistics.reduce`)."""
     num = den = 0.0
     for x in batches:
         ref = view.forward(x)
@@ -139,6 +143,8 @@ def layer_relative_error(view: MoELayerView, block, batches: list[torch.Tensor])
         out = (out[0] if isinstance(out, tuple) else out).reshape(ref.shape)
         num += float((out.double() - ref.double()).pow(2).sum())
         den += float(ref.double().pow(2).sum())
+    if reduce is not None:
+        num, den = reduce([num, den])
     return (num / max(den, 1e-300)) ** 0.5
 
 
@@ -164,7 +170,7 @@ class MergingMethod(Method):
                 block = build_stock_block(view, ctx.stats, expert_map, merged)
             else:
                 block = build_remap_block(view, expert_map, merged)
-            error = layer_relative_error(view, block, ctx.stats.batches)
+            error = layer_relative_error(view, block, ctx.stats.batches, ctx.stats.reduce)
         record = {"experts": m, "num_experts": view.num_experts, "groups": groups_of(expert_map),
                   "export": self.config.export, "calib_rel_error": round(error, 6), **extra}
         return LayerResult(block, record)

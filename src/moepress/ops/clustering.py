@@ -54,6 +54,7 @@ def centre_grouping(frequency: torch.Tensor, similarity: torch.Tensor, num_group
     Returns:
         expert map `[N]` (canonical numbering).
     """
+    frequency, similarity = frequency.detach().cpu(), similarity.detach().cpu()  # [N] decisions: CPU
     n = frequency.numel()
     if not 1 <= num_groups <= n:
         raise ValueError(f"num_groups must be in [1, {n}], got {num_groups}")

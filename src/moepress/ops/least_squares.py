@@ -28,9 +28,11 @@ class NormalEquations:
         self._cross: torch.Tensor | None = None
         self._gram: torch.Tensor | None = None
         self.tokens = 0
+        self._device = torch.device("cpu")  # of the rows seen (empty equations live on the CPU)
 
     def add(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        p, y = p.detach().double().cpu(), y.detach().double().cpu()
+        p, y = p.detach().double(), y.detach().double().to(p.device)
+        self._device = p.device
         self.tokens += p.shape[0]
         if self.rows_p is not None:
             self.rows_p.append(p)
@@ -39,15 +41,28 @@ class NormalEquations:
                 return
             p, y = torch.cat(self.rows_p), torch.cat(self.rows_y)
             self.rows_p, self.rows_y = None, []
-            self._cross = torch.zeros(self.out_features, self.in_features, dtype=torch.float64)
-            self._gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+            self._cross = torch.zeros(self.out_features, self.in_features, dtype=torch.float64, device=p.device)
+            self._gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=p.device)
         self._cross += y.T @ p
         self._gram += p.T @ p
 
+    def summed(self, reduce) -> "NormalEquations":
+        """These equations with `cross`, `gram` and `tokens` passed through `reduce` (a sum over
+        data-parallel ranks: `LayerStatistics.reduce` calls this only in a data-parallel run).
+
+        The result is always in Gram form: each rank's rows would need a gather, and the primal
+        `(Y Pᵀ)(P Pᵀ)†` of the summed Gram is the same minimum-norm solution the dual form gives
+        (see `solve`), so below f tokens the data-parallel solve equals the single-process one up
+        to rounding (not bit for bit)."""
+        cross, gram, tokens = reduce([self.cross.clone(), self.gram.clone(), self.tokens])
+        out = NormalEquations(self.in_features, self.out_features)
+        out.rows_p, out._cross, out._gram, out.tokens = None, cross, gram, tokens
+        return out
+
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.rows_p:
-            return (torch.zeros(0, self.in_features, dtype=torch.float64),
-                    torch.zeros(0, self.out_features, dtype=torch.float64))
+            return (torch.zeros(0, self.in_features, dtype=torch.float64, device=self._device),
+                    torch.zeros(0, self.out_features, dtype=torch.float64, device=self._device))
         return torch.cat(self.rows_p), torch.cat(self.rows_y)
 
     @property
@@ -77,7 +92,7 @@ class NormalEquations:
         p, y = self._rows()
         if solver == "ridge":
             lam = ridge * (p * p).sum() / self.in_features  # λ relative to mean diag(P Pᵀ), as in the primal
-            k = p @ p.T + lam * torch.eye(p.shape[0], dtype=p.dtype)
+            k = p @ p.T + lam * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
             return (torch.linalg.solve(k, y).T @ p)
         dual = solve_normal_equations(y.T, p @ p.T, "pinv")  # [d, t] = Y (PᵀP)†
         return dual @ p
@@ -100,7 +115,7 @@ def solve_normal_equations(cross: torch.Tensor, gram: torch.Tensor, solver: str 
     gram = 0.5 * (gram + gram.T)
     if solver == "ridge":
         scale = gram.diagonal().mean().clamp_min(1e-300)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         return torch.linalg.solve(gram + ridge * scale * eye, cross.T).T
     if solver != "pinv":
         raise ValueError(f"solver must be 'pinv' or 'ridge', got {solver!r}")

@@ -9,9 +9,11 @@ def frequency_weights(frequency: torch.Tensor, expert_map: torch.Tensor) -> torc
     """Within-cluster weights `B [N]`: `B_j = f_j / Σ_{k ∈ C(j)} f_k` (MergeMoE Theorem 1, M-SMoE Eq. 3).
 
     A cluster none of whose members was ever routed gets uniform weights (no division by zero).
-    The weights of each cluster sum to 1 (each column of MergeMoE's B matrix).
+    The weights of each cluster sum to 1 (each column of MergeMoE's B matrix). `[N]` numbers: on
+    the CPU whatever device the counts came from (they steer per-expert loops).
     """
-    f = frequency.double().flatten()
+    f = frequency.detach().double().flatten().cpu()
+    expert_map = expert_map.cpu()
     m = int(expert_map.max()) + 1
     totals = torch.zeros(m, dtype=torch.float64).index_add_(0, expert_map, f)
     sizes = torch.zeros(m, dtype=torch.float64).index_add_(0, expert_map, torch.ones_like(f))

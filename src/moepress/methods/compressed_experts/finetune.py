@@ -231,7 +231,8 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
             for group in optimizer.param_groups:
                 group["lr"] = config.peak_lr * lr_factor(step, config.steps, config.warmup_ratio)
             rows = torch.randint(0, input_ids.shape[0], (config.batch_size,), generator=generator)
-            loss = _loss(model, teacher, input_ids[rows], config)
+            batch = input_ids[rows].to(next(model.parameters()).device)  # the model's device (`--device`)
+            loss = _loss(model, teacher, batch, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

@@ -14,6 +14,11 @@ batch per chunk. Usage frequencies are counted with the model's own routers on t
 forward passes (the original model, as in the released `get_expert_freq.py`).
 
 Deviation: the model stays in eval mode (no dropout); the released code used train mode.
+
+Data parallel (`torchrun`): each rank takes its contiguous shard of the Fisher sequences; the
+squared-gradient sums, the batch counts and the routing counts are summed over ranks before the
+division, so the Fisher is the single-process one whenever the batches are the same — always
+with the default `fisher_batch_size=1`, otherwise when each rank's share is a multiple of it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ... import distributed
 from ...arch import MoELayerView, moe_layer_views
 from ...ops.fisher_merge import fisher_merge
 
@@ -79,7 +85,10 @@ def _accumulate_chunk(model, ids, batch_size, chunk, counts, count_now) -> list[
             p.requires_grad_(False)
         for h in hooks:
             h.remove()
-    steps = (ids.shape[0] + batch_size - 1) // batch_size
+    steps = distributed.all_reduce_number((ids.shape[0] + batch_size - 1) // batch_size)
+    distributed.all_reduce_tree(acc)  # squared-gradient sums over data-parallel ranks
+    if count_now:
+        distributed.all_reduce_tree(list(counts.table.values()))
     return [[a / steps for a in acc[2 * i:2 * i + 2]] for i in range(len(chunk))]
 
 
@@ -88,12 +97,13 @@ def fisher_bases(model: nn.Module, ids: torch.Tensor, batch_size: int = 1, chunk
 
     Args:
         model: the model (not modified; grad flags are restored to False for all parameters).
-        ids: `[n, L]` calibration token ids.
+        ids: `[n, L]` calibration token ids (all of them; a data-parallel rank uses its shard).
         batch_size: sequences per forward/backward; chunk_layers: MoE layers per gradient pass.
     Returns:
         `{layer_index: {"gate"|"up"|"down": base [out, in] float32 on CPU, "frequency": [E] float64}}`.
     """
     views = moe_layer_views(model)
+    ids = ids[distributed.shard_slice(ids.shape[0])]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -70,7 +70,8 @@ class D2MoE(Method):
         if self.config.base == "fisher":
             if self.fisher is None or ctx.view.layer_index not in self.fisher:
                 raise ConfigError("base='fisher' needs Method.prepare(model, calibration) to estimate Fisher first")
-            return {p: self.fisher[ctx.view.layer_index][p].double() for p in PROJECTIONS}
+            device = weights["gate"].device
+            return {p: self.fisher[ctx.view.layer_index][p].double().to(device) for p in PROJECTIONS}
         fisher, frequency = merge_weights_for(self.config.base, None, freq)
         return {p: fisher_merge(weights[p], fisher, frequency) for p in PROJECTIONS}
 
@@ -131,7 +132,7 @@ class D2MoE(Method):
         view, cfg = ctx.view, self.config
         freq = ctx.stats["frequency"].double()
         grams = ctx.stats["expert_gram"]
-        weights = {p: getattr(view, f"{p}_proj").detach().double().cpu() for p in PROJECTIONS}
+        weights = {p: getattr(view, f"{p}_proj").detach().double() for p in PROJECTIONS}  # on the layer's device
         bases = self._bases(ctx, weights, freq)
         keep, channel_info = self._channels(view.intermediate_size, bases, grams["intermediate"])
         weights = {"gate": weights["gate"][:, keep], "up": weights["up"][:, keep], "down": weights["down"][:, :, keep]}

@@ -20,19 +20,19 @@ from ...calib.stats import LayerStatistics, statistic
 
 @statistic("expert_gram")
 def expert_gram(stats: LayerStatistics) -> dict[str, torch.Tensor]:
-    """`{"input": [E,H,H], "intermediate": [E,I,I]}` float64, on CPU."""
+    """`{"input": [E,H,H], "intermediate": [E,I,I]}` float64, on the device of the layer inputs."""
     view = stats.view
     e, h, i = view.num_experts, view.hidden_size, view.intermediate_size
-    gram_in = torch.zeros(e, h, h, dtype=torch.float64)
-    gram_mid = torch.zeros(e, i, i, dtype=torch.float64)
+    gram_in = torch.zeros(e, h, h, dtype=torch.float64, device=stats.device)
+    gram_mid = torch.zeros(e, i, i, dtype=torch.float64, device=stats.device)
     for x, routing in stats.routed():
         routed_to = routing.index
         for j in torch.unique(routed_to).tolist():
             rows = (routed_to == j).any(dim=-1).nonzero().squeeze(-1)
             xj = x.index_select(0, rows)
             xd = xj.double()
-            gram_in[j] += (xd.T @ xd).cpu()
+            gram_in[j] += xd.T @ xd
             with torch.no_grad():
                 hj = view.intermediate(j, xj).double()
-            gram_mid[j] += (hj.T @ hj).cpu()
+            gram_mid[j] += hj.T @ hj
     return {"input": gram_in, "intermediate": gram_mid}

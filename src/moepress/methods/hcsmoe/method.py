@@ -43,16 +43,16 @@ from ..merging_common import MergingMethod, average_experts, expert_tensors
 from .config import HCSMoEConfig
 
 
-@statistic("expert_output_mean")
+@statistic("expert_output_mean", summed=False)  # a mean: the sum is reduced before dividing
 def expert_output_mean(stats: LayerStatistics) -> torch.Tensor:
     """`[N, H]` fp64: mean over ALL calibration tokens of each expert's output `E_j(x)` (HC-SMoE feature)."""
     view = stats.view
-    total = torch.zeros(view.num_experts, view.hidden_size, dtype=torch.float64)
+    total = torch.zeros(view.num_experts, view.hidden_size, dtype=torch.float64, device=stats.device)
     with torch.no_grad():
         for x in stats.batches:
             for j in range(view.num_experts):
-                total[j] += view.expert(j, x).double().sum(dim=0).cpu()
-    return total / max(stats.num_tokens, 1)
+                total[j] += view.expert(j, x).double().sum(dim=0)
+    return stats.reduce(total) / max(stats.num_tokens, 1)
 
 
 class HCSMoE(MergingMethod):

@@ -67,8 +67,8 @@ class MergeMoE(MergingMethod):
             for i, members in enumerate(groups_of(expert_map)):
                 if len(members) == 1:
                     continue
-                eq = down_projection_equations(view, ctx.stats.routed(), members, coefficients, merged, i,
-                                               self.config.tokens)
+                eq = ctx.stats.reduce(down_projection_equations(  # summed over data-parallel ranks
+                    view, ctx.stats.routed(), members, coefficients, merged, i, self.config.tokens))
                 record["fit_tokens"][i] = eq.tokens
                 warn_if_rank_deficient(eq.tokens, view.intermediate_size,
                                        f"mergemoe layer {view.layer_index} cluster {members}")

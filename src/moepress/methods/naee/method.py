@@ -18,6 +18,11 @@ class NaeePruning(PruningMethod):
     Deviation (stated): the loss uses the first `max_tokens` calibration tokens of the layer
     (the paper uses all of them) so that all experts' outputs fit in memory; and above
     `max_subsets` subsets the search is greedy backward elimination, recorded as `search`.
+
+    Data parallel: the loss is a sum over tokens, so each rank scores every candidate on its own
+    tokens among the first `max_tokens` (shards are contiguous, `stats.token_offset`) and the
+    candidate's loss is summed over ranks (one scalar all-reduce per candidate) before comparing;
+    every rank then walks the same search.
     """
 
     name = "naee"
@@ -25,20 +30,31 @@ class NaeePruning(PruningMethod):
     config_class = NaeeConfig
 
     def choose(self, ctx: LayerContext, m: int) -> tuple[list[int], dict]:
-        view = ctx.view
-        x = torch.cat(ctx.stats.batches)[: self.config.max_tokens]
+        view, stats = ctx.view, ctx.stats
+        local = max(0, min(stats.local_tokens, self.config.max_tokens - stats.token_offset))
+        x = torch.cat(stats.batches)[:local] if local else None
         with torch.no_grad():
-            outputs = torch.stack([view.expert(j, x) for j in range(view.num_experts)])  # [E, T, H]
-            full = view.routed_output(x, view.route(x)).double()
-            tokens = torch.arange(x.shape[0]).unsqueeze(1)
+            local_loss = _subset_loss(view, x) if x is not None else lambda subset: 0.0
 
             def loss(subset: list[int]) -> float:
-                _, weights, index = view.subset_router(subset)(x)
-                chosen = outputs[torch.as_tensor(subset)[index], tokens]  # [T, k, H]
-                approx = (weights.unsqueeze(-1).to(chosen.dtype) * chosen).sum(1).double()
-                return float(((full - approx) ** 2).sum())
+                return stats.reduce(local_loss(subset))
 
             keep, search, evaluations = naee_search(view.num_experts, m, loss, self.config.max_subsets)
             best = loss(keep)
         return keep, {"search": search, "subsets_evaluated": evaluations, "loss": best,
-                      "loss_tokens": int(x.shape[0])}
+                      "loss_tokens": min(stats.num_tokens, self.config.max_tokens)}
+
+
+def _subset_loss(view, x: torch.Tensor):
+    """`loss(subset) = Σ_x ||MoE(x) − MoE_S(x)||²` over the tokens `x` (all experts' outputs held once)."""
+    outputs = torch.stack([view.expert(j, x) for j in range(view.num_experts)])  # [E, T, H]
+    full = view.routed_output(x, view.route(x)).double()
+    tokens = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+
+    def loss(subset: list[int]) -> float:
+        _, weights, index = view.subset_router(subset)(x)
+        chosen = outputs[torch.as_tensor(subset, device=index.device)[index], tokens]  # [T, k, H]
+        approx = (weights.unsqueeze(-1).to(chosen.dtype) * chosen).sum(1).double()
+        return float(((full - approx) ** 2).sum())
+
+    return loss

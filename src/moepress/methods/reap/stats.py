@@ -17,23 +17,24 @@ def reap_sums(stats: LayerStatistics, renormalize: bool | None = None) -> tuple[
 
     `renormalize`: None = the model's own routing weights; True/False = router scores gathered at
     the top-k, renormalised over it or not (REAP's `renormalize_router_weights`).
-    Returns `(sums [E], counts [E])` float64.
+    Returns `(sums [E], counts [E])` float64, summed over data-parallel ranks (`stats.reduce`).
     """
     view, e = stats.view, stats.view.num_experts
-    sums, counts = torch.zeros(e, dtype=torch.float64), torch.zeros(e, dtype=torch.float64)
+    sums = torch.zeros(e, dtype=torch.float64, device=stats.device)
+    counts = torch.zeros(e, dtype=torch.float64, device=stats.device)
     for x, r in stats.routed():
         gates = r.weights if renormalize is None else routed_gate_values(r.scores, r.index, renormalize)
-        norms = torch.zeros(r.index.shape, dtype=torch.float64)
+        norms = torch.zeros(r.index.shape, dtype=torch.float64, device=x.device)
         for j in r.index.unique().tolist():
             tok, slot = (r.index == j).nonzero(as_tuple=True)
-            norms[tok, slot] = view.expert(j, x[tok]).double().norm(dim=-1).cpu()
+            norms[tok, slot] = view.expert(j, x[tok]).double().norm(dim=-1)
         s, c = reap_batch_sums(gates, r.index, norms, e)
         sums += s
         counts += c
-    return sums, counts
+    return stats.reduce(sums), stats.reduce(counts)
 
 
-@statistic("reap")
+@statistic("reap", summed=False)  # a ratio of sums: reap_sums reduces before dividing
 def reap_scores(stats: LayerStatistics) -> torch.Tensor:
     """`[E]` REAP saliency with the model's own routing weights."""
     return reap_saliency(*reap_sums(stats))

@@ -25,11 +25,14 @@ def expert_of(tensors: dict, j: int) -> dict:
     return {k: None if v is None else v[j].double() for k, v in tensors.items()}
 
 
-def correlation_of(view, batches, first: dict, second: dict) -> torch.Tensor:
-    """Correlation `[2I, 2I]` of the concatenated intermediates of two experts over all tokens."""
+def correlation_of(view, batches, first: dict, second: dict, reduce=lambda sums: sums) -> torch.Tensor:
+    """Correlation `[2I, 2I]` of the concatenated intermediates of two experts over all tokens.
+
+    `reduce` sums the moments over data-parallel ranks (`LayerStatistics.reduce`)."""
     size = 2 * first["gate"].shape[0]
-    s1 = torch.zeros(size, dtype=torch.float64)
-    s2 = torch.zeros(size, size, dtype=torch.float64)
+    device = first["gate"].device
+    s1 = torch.zeros(size, dtype=torch.float64, device=device)
+    s2 = torch.zeros(size, size, dtype=torch.float64, device=device)
     count = 0
     for x in batches:
         x = x.double()
@@ -37,6 +40,7 @@ def correlation_of(view, batches, first: dict, second: dict) -> torch.Tensor:
         s1 += h.sum(0)
         s2 += h.T @ h
         count += x.shape[0]
+    s1, s2, count = reduce([s1, s2, count])
     return activation_correlation(s1 / count, s2 / count)
 
 
@@ -57,7 +61,7 @@ class ZipItMerging(MergingMethod):
             running, w_running = expert_of(tensors, members[0]), float(weights[members[0]])
             for j in members[1:]:
                 other, w_other = expert_of(tensors, j), float(weights[j])
-                pairs = greedy_pairs(correlation_of(view, ctx.stats.batches, running, other))
+                pairs = greedy_pairs(correlation_of(view, ctx.stats.batches, running, other, ctx.stats.reduce))
                 running = zip_two_experts(running, other, w_running, w_other, pairs)
                 w_running += w_other
             for k in tensors:
