@@ -1,11 +1,20 @@
 """Per-expert Gram matrices for D²-MoE's whitened SVD (paper Eq. 6–8; released `get_scale.py`).
 
-`stats["expert_gram"]` streams over the layer's calibration batches and accumulates, in float64,
-for every expert j over the tokens routed to j (its top-k contains j):
+`stats["expert_gram"]` streams over the layer's calibration batches and accumulates, for every
+expert j over the tokens routed to j (its top-k contains j):
 
 - `input [E, H, H]`: `Σ x xᵀ` of the MoE-layer inputs (what gate and up see);
 - `intermediate [E, I, I]`: `Σ h_j(x) h_j(x)ᵀ` of the ORIGINAL expert's intermediate activation
   (what down sees).
+
+Precision: each batch's product is a float32 GEMM (as the released code, which accumulates `XᵀX`
+in float32 throughout; float64 inputs stay float64), added into float64 accumulators, so rounding
+does not grow with the number of batches. Float64 GEMMs would halve the throughput for digits
+the whitener's eigenvalue floor (1e-5) and the bf16 factors never see.
+
+Speed: the tokens of a batch are grouped by expert with one sort (no per-expert scan of the
+routing); each expert then costs one GEMM per Gram (and its own forward for `h_j`).
+Accumulators live on the device of the calibration batches; the result is moved to CPU once.
 
 Memory: `E·(H² + I²)` float64 values per layer (Mixtral-8x7B: ≈13 GiB, dominated by I = 14336).
 """
@@ -17,23 +26,43 @@ import torch
 from ...calib.stats import LayerStatistics, statistic
 
 
+def tokens_by_expert(index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
+    """`[(j, rows of the tokens routed to j)]` for the experts that received tokens, from top-k `index [T, k]`.
+
+    One stable sort of the flattened routing; a token appears at most once per expert (top-k
+    indices are distinct), so each group lists distinct rows in increasing order.
+    """
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // index.shape[1]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    groups = torch.split(rows, counts)
+    return [(j, g) for j, g in enumerate(groups) if counts[j] > 0]
+
+
+def add_gram_(accumulator: torch.Tensor, rows: torch.Tensor) -> None:
+    """`accumulator += rowsᵀ rows` in place, the product in at least float32 (see module docstring)."""
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    accumulator.add_(rows.T @ rows)
+
+
 @statistic("expert_gram")
 def expert_gram(stats: LayerStatistics) -> dict[str, torch.Tensor]:
     """`{"input": [E,H,H], "intermediate": [E,I,I], "tokens": [E]}` float64, on CPU."""
     view = stats.view
     e, h, i = view.num_experts, view.hidden_size, view.intermediate_size
-    gram_in = torch.zeros(e, h, h, dtype=torch.float64)
-    gram_mid = torch.zeros(e, i, i, dtype=torch.float64)
-    tokens = torch.zeros(e, dtype=torch.float64)
-    for x, routing in stats.routed():
-        routed_to = routing.index
-        for j in torch.unique(routed_to).tolist():
-            rows = (routed_to == j).any(dim=-1).nonzero().squeeze(-1)
-            xj = x.index_select(0, rows)
-            xd = xj.double()
-            gram_in[j] += (xd.T @ xd).cpu()
-            with torch.no_grad():
-                hj = view.intermediate(j, xj).double()
-            gram_mid[j] += (hj.T @ hj).cpu()
-            tokens[j] += rows.numel()
-    return {"input": gram_in, "intermediate": gram_mid, "tokens": tokens}
+    gram_in = gram_mid = tokens = None
+    with torch.no_grad():
+        for x, routing in stats.routed():
+            if gram_in is None:
+                gram_in = torch.zeros(e, h, h, dtype=torch.float64, device=x.device)
+                gram_mid = torch.zeros(e, i, i, dtype=torch.float64, device=x.device)
+                tokens = torch.zeros(e, dtype=torch.float64, device=x.device)
+            for j, rows in tokens_by_expert(routing.index.to(x.device), e):
+                xj = x.index_select(0, rows)
+                add_gram_(gram_in[j], xj)
+                add_gram_(gram_mid[j], view.intermediate(j, xj))
+                tokens[j] += rows.numel()
+    if gram_in is None:
+        gram_in, gram_mid, tokens = torch.zeros(e, h, h), torch.zeros(e, i, i), torch.zeros(e)
+    return {"input": gram_in.cpu().double(), "intermediate": gram_mid.cpu().double(), "tokens": tokens.cpu().double()}
