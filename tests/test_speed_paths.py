@@ -156,11 +156,12 @@ def test_tokens_by_expert_groups_every_routed_pair_once():
         assert rows.tolist() == (index == j).any(-1).nonzero().squeeze(-1).tolist()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_expert_gram_equals_the_masked_float64_reference(family):
+@pytest.mark.parametrize("family,batch", [("qwen3_moe", 70), ("gpt_oss", 70), ("mixtral", 1500)])
+def test_expert_gram_equals_the_masked_float64_reference(family, batch):
+    """Small per-expert row counts take the float64 product, large ones (batch 1500) the float32 one."""
     view = moe_layer_views(tiny_model(family))[0]
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(70, view.hidden_size, generator=gen) for _ in range(3)]
+    batches = [torch.randn(batch, view.hidden_size, generator=gen) for _ in range(3)]
     grams = expert_gram(LayerStatistics(view, batches))
     x = torch.cat(batches)
     routed = view.route(x).index
