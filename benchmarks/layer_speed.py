@@ -12,12 +12,12 @@ runs the real method code on the real `MoELayerView` (statistics, `merge`, ops),
 FLOPs are counted analytically per stage (formulas printed under the table) and split by the
 dtype each GEMM runs in; "% peak" = Σ_dtype(FLOPs / peak_dtype) / time, i.e. the share of the
 wall time a GEMM running at the measured peak would need, with peaks measured in this run by
-square matmuls of the layer's hidden size. Peak memory: the process's VmHWM, reset before each
+square matmuls of the layer's hidden size (best of the runs before and after the stages). Peak memory: the process's VmHWM, reset before each
 stage (weights and earlier results stay resident, so it is a high-water mark, not a delta);
 with `--device cuda` also `torch.cuda.max_memory_allocated` per stage.
 
-Bounded stages (said in their row): D²-MoE Grams on `--gram-experts` experts (the block restricted
-to them; Mixtral's intermediate Grams are 1.6 GiB each), whitener/SVD on `--svd-experts` experts,
+Bounded stages (said in their row): D²-MoE Grams on the experts that fit `--gram-memory-gb` (the
+block restricted to them; Mixtral's intermediate Grams are 1.6 GiB each), whitener/SVD on `--svd-experts` experts,
 NAEE on `--naee-evaluations` candidate subsets; the f×f solve uses a synthetic positive definite
 Gram of the real size, since reaching Gram mode needs more than I tokens per cluster.
 """
@@ -51,7 +51,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gemm_peak(size: int, dtype: torch.dtype, device: str, repeats: int = 3) -> float:
+def gemm_peak(size: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
     """Best-of-`repeats` GFLOP/s of a square `[size, size] @ [size, size]` matmul (after a warm-up)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -115,7 +115,13 @@ def run_shape(shape: str, args) -> dict:
     peaks = {str(d).removeprefix("torch."): gemm_peak(layer.view.hidden_size, d, args.device) for d in dtypes}
     stages = []
     for stage in STAGES:
-        stages.extend(stage(layer))
+        rows = stage(layer)
+        for row in rows:  # progress: the table comes once the shape is done
+            print(f"  [{shape}] {row.name}: {row.seconds:.1f} s", file=sys.stderr, flush=True)
+        stages.extend(rows)
+    for d in dtypes:  # again after the stages: on a shared machine the best of both is the peak
+        name = str(d).removeprefix("torch.")
+        peaks[name] = max(peaks[name], gemm_peak(layer.view.hidden_size, d, args.device))
     print_table(shape, layer, peaks, stages)
     return {"shape": shape, "hidden": layer.view.hidden_size, "intermediate": layer.view.intermediate_size,
             "experts": layer.view.num_experts, "top_k": layer.view.top_k, "tokens": layer.tokens,

@@ -21,7 +21,7 @@ import torch
 def summed_softmax_target(scores: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
     """`[T, M]` centred log of the cluster-summed probabilities (`scores [T, N]` = softmax over N)."""
     m = int(expert_map.max()) + 1
-    summed = torch.zeros(scores.shape[0], m, dtype=torch.float64).index_add_(1, expert_map, scores.double())
+    summed = scores.new_zeros(scores.shape[0], m, dtype=torch.float64).index_add_(1, expert_map, scores.double())
     target = summed.clamp_min(1e-30).log()
     return target - target.mean(dim=1, keepdim=True)
 
@@ -29,7 +29,7 @@ def summed_softmax_target(scores: torch.Tensor, expert_map: torch.Tensor) -> tor
 def summed_sigmoid_target(scores: torch.Tensor, expert_map: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """`[T, M]` logit of the cluster-summed sigmoid scores, clipped to (eps, 1 - eps)."""
     m = int(expert_map.max()) + 1
-    summed = torch.zeros(scores.shape[0], m, dtype=torch.float64).index_add_(1, expert_map, scores.double())
+    summed = scores.new_zeros(scores.shape[0], m, dtype=torch.float64).index_add_(1, expert_map, scores.double())
     return torch.logit(summed.clamp(eps, 1 - eps))
 
 
