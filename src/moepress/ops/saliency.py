@@ -23,11 +23,12 @@ def reap_batch_sums(gates: torch.Tensor, index: torch.Tensor, output_norms: torc
     """Per-expert sums of `g_j(x) * ||E_j(x)||_2` and routed-token counts over one batch.
 
     Args: gates, index, output_norms: `[T, k]` (norm of the output of expert `index[t, s]` on token t).
-    Returns: `(sums [E], counts [E])` in float64; summing them over batches is exact streaming.
+    Returns: `(sums [E], counts [E])` in float64 on the device of `index`; summing them over batches
+    is exact streaming.
     """
     flat_idx = index.flatten()
-    sums = torch.zeros(num_experts, dtype=torch.float64, device=index.device).index_add_(
-        0, flat_idx, (gates.double() * output_norms.double()).flatten().to(index.device))
+    products = (gates.double() * output_norms.double().to(gates.device)).flatten().to(index.device)
+    sums = torch.zeros(num_experts, dtype=torch.float64, device=index.device).index_add_(0, flat_idx, products)
     counts = torch.bincount(flat_idx, minlength=num_experts).double()
     return sums, counts
 

@@ -32,19 +32,23 @@ from .config import MergeMoEConfig
 
 def down_projection_equations(view, batches_routed, members: list[int], coefficients: torch.Tensor,
                               merged: dict, i: int, tokens: str) -> NormalEquations:
-    """Accumulate `Y_tgt Pᵀ` and `P Pᵀ` of cluster i over the calibration batches (fp64).
+    """Accumulate `Y_tgt Pᵀ` and `P Pᵀ` of cluster i over the calibration batches (fp64, on the batches' device).
 
-    `batches_routed` yields `(x, routing)`; P = merged gate/up intermediate, Y_tgt = Σ_j B_j W_D,j h_j(x).
+    `batches_routed` yields `(x, routing)`; P = merged gate/up intermediate, Y_tgt = Σ_j B_j W_D,j h_j(x),
+    summed in place (one GEMM per member and batch, no per-member temporaries).
     """
     eq = NormalEquations(view.intermediate_size, view.hidden_size)
     member_idx = torch.tensor(members)
+    member_weights = [float(coefficients[j]) for j in members]
     for x, routing in batches_routed:
         if tokens == "routed":
             x = x[torch.isin(routing.index, member_idx.to(routing.index.device)).any(dim=-1)]
         if x.shape[0] == 0:
             continue
         p = view.intermediate_of({k: None if v is None else v[i] for k, v in merged.items()}, x)
-        y = sum(float(coefficients[j]) * (view.intermediate(j, x) @ view.down_proj[j].T) for j in members)
+        y = x.new_zeros(x.shape[0], view.hidden_size)
+        for j, weight in zip(members, member_weights):
+            y.addmm_(view.intermediate(j, x), view.down_proj[j].T, alpha=weight)
         eq.add(p, y)
     return eq
 
@@ -61,7 +65,7 @@ class MergeMoE(MergingMethod):
         expert_map = centre_grouping(frequency, weight_similarity(tensors, self.config.similarity), m)
         coefficients = frequency_weights(frequency, expert_map)
         merged = average_experts(tensors, expert_map, coefficients)  # down = T1 stacked identities
-        record = {"merge_weights": [round(float(b), 6) for b in coefficients], "fit_tokens": {}}
+        record = {"merge_weights": [round(float(b), 6) for b in coefficients], "fit_tokens": {}, "fit_solved_by": {}}
         if self.config.down == "lstsq":
             down = merged["down"].clone()
             for i, members in enumerate(groups_of(expert_map)):
@@ -73,6 +77,7 @@ class MergeMoE(MergingMethod):
                 warn_if_rank_deficient(eq.tokens, view.intermediate_size,
                                        f"mergemoe layer {view.layer_index} cluster {members}")
                 fitted = eq.solve(self.config.solver, self.config.ridge)
+                record["fit_solved_by"][i] = eq.solved_by  # "cholesky", or "pinv-fallback" (singular Gram)
                 down[i] = fitted.to(down.dtype)
             merged["down"] = down
         return expert_map, merged, record
