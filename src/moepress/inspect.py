@@ -29,9 +29,9 @@ class _RecordUsage(Method):
                                   "normalized_entropy": round(entropy, 4)})
 
 
-def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None) -> dict:
+def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None, dtype="auto") -> dict:
     """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`."""
-    model_obj, tok = load_pretrained(model, tokenizer=tokenizer)
+    model_obj, tok = load_pretrained(model, tokenizer=tokenizer, dtype=dtype)
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
     records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration)
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,

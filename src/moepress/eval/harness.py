@@ -9,7 +9,7 @@ from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
 from .report import EvalReport
 
 
-def _open(model, tokenizer):
+def _open(model, tokenizer, dtype="auto"):
     """`(model, tokenizer, name)` through the one loader; the tokenizer gets a pad token (EOS) for batching."""
     from ..loading import load_pretrained
 
@@ -17,7 +17,7 @@ def _open(model, tokenizer):
         name = str(model)
     else:
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    model, tokenizer = load_pretrained(model, tokenizer=tokenizer)
+    model, tokenizer = load_pretrained(model, tokenizer=tokenizer, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -47,7 +47,7 @@ def _split_names(values) -> list[str]:
 
 def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride: int | None = None,
              batch_size: int = 8, speed: bool = False, baseline=None, lm_eval_limit: int | float | None = None,
-             mc_per_domain: int = 32, log=None) -> EvalReport:
+             mc_per_domain: int = 32, log=None, dtype="auto") -> EvalReport:
     """Evaluate a causal LM the same way for every method.
 
     Args:
@@ -62,12 +62,14 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
             has retained % per metric.
         lm_eval_limit: passed to lm-eval as ``limit`` (items per task), for quick runs.
         mc_per_domain: items per domain of the local multiple-choice tasks.
+        dtype: dtype a model path is loaded in: "auto" (default) = the checkpoint's own, or
+            "float32" / "float16" / "bfloat16" (a model object is used as it is).
 
     Returns:
         EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
     """
     log = log or (lambda message: None)
-    model, tokenizer, name = _open(model, tokenizer)
+    model, tokenizer, name = _open(model, tokenizer, dtype)
     stride = stride or seq_len
     report = EvalReport(model=name, settings={"seq_len": seq_len, "stride": stride, "batch_size": batch_size})
 
@@ -119,5 +121,6 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
     if baseline is not None:
         report.baseline = evaluate(baseline, tokenizer=None if isinstance(baseline, (str, Path)) else tokenizer,
                                    ppl=ppl, tasks=tasks, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                                   speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log)
+                                   speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log,
+                                   dtype=dtype)
     return report

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..record import strict_json
 
 #: Metric-name fragments where smaller is better; every other metric is higher-is-better.
 _LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte", "nll")
@@ -61,7 +62,7 @@ class EvalReport:
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(strict_json(self.to_dict()))
         return path
 
     def table(self):
