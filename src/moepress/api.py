@@ -8,7 +8,9 @@ text and a tokenizer are needed at all (`Method.needs_calibration`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -108,6 +110,26 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     out_dtype = resolve_dtype(dtype, model)
     t0 = time.perf_counter()
     work = _work_dir(offload, model, method_obj, target)
+    with _drop_unused_work_dir(work):
+        return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
+                         seed, batch_size, progress, log, t_start, t0)
+
+
+@contextlib.contextmanager
+def _drop_unused_work_dir(work: tuple[Path, bool] | None):
+    """A run that fails before finishing any layer leaves no work directory it created behind (one
+    with finished layers stays, so the same command resumes from it)."""
+    try:
+        yield
+    except BaseException:
+        if work is not None and work[1] and work[0].is_dir() and not any(work[0].glob("layer-*.safetensors")):
+            shutil.rmtree(work[0], ignore_errors=True)
+        raise
+
+
+def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
+              batch_size, progress, log, t_start: float, t0: float) -> CompressionResult:
+    """The body of `compress` once its arguments are checked (see there)."""
     model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
     calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)

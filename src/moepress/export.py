@@ -60,7 +60,6 @@ def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_nam
     target = out if isinstance(out, OutputDir) else check_output_dir(out, source, overwrite)
     target.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.path.name}.partial-", dir=target.path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the output follows the umask
     try:
         _write_model(model, tmp, method_name, export, store)
         if tokenizer is not None:
@@ -68,6 +67,7 @@ def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_nam
         if timed_stage is not None:
             record.setdefault("stages", {})[timed_stage] = stage_figures(started)
         write_record(tmp, record)
+        _apply_umask(tmp)
         _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,3 +139,13 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the user's umask asks for, as `save_pretrained`
+    does: `mkdtemp` makes the directory owner-only and safetensors writes its files 0600, which on a
+    shared server would hide the checkpoint from colleagues."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

@@ -83,7 +83,31 @@ def check_model_files(path: str | Path) -> None:
     from .checks import check_model_source, check_safetensors_files
 
     check_model_source(path)
+    check_model_family(path)
     check_safetensors_files(path)
+
+
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def check_model_family(path: str | Path) -> None:
+    """A local model's `model_type` is a supported MoE family; a dense model is told it is not an MoE
+    model, an MoE model of another family which families are supported."""
+    from .arch import SUPPORTED
+    from .checks import InputError, model_type_of
+
+    model_type = model_type_of(path)
+    if model_type is None or model_type in SUPPORTED:
+        return
+    import json
+
+    config = json.loads((Path(str(path)).expanduser() / "config.json").read_text())
+    if config.get("moepress") or config.get("moepress_base_model_type") in SUPPORTED:
+        return  # a moepress output: its family is checked when loading
+    if not any(config.get(key) for key in _EXPERT_KEYS):
+        raise InputError(f"{path} is a {model_type!r} model without routed experts: not a Mixture-of-Experts "
+                         f"model, nothing for moepress to compress (supported MoE families: {', '.join(SUPPORTED)})")
+    raise InputError(f"{path} is a {model_type!r} MoE model; moepress supports the families {', '.join(SUPPORTED)}")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
