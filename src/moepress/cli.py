@@ -85,10 +85,6 @@ def _user_errors(note=None):
         raise typer.Exit(code=2) from None
 
 
-def _check_model(model: str) -> None:
-    checks.check_model_source(model)
-
-
 @app.command()
 def compress(
     model: str = typer.Argument(..., help="model directory or hub id"),
@@ -117,7 +113,7 @@ def compress(
         checks.check_ratio(ratio, experts)
         checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
         checks.check_dtype(dtype)
-        _check_model(model)
+        checks.check_model_source(model)
         checks.check_output_dir(out, model, overwrite)
         checks.check_calibration_source(calib)
         options = _parse_opts(opt, recipe)
@@ -209,7 +205,7 @@ def inspect(
     with _user_errors():
         checks.check_positive(samples=samples, seq_len=seq_len)
         checks.check_dtype(dtype)
-        _check_model(model)
+        checks.check_model_source(model)
         checks.check_calibration_source(calib)
         from moepress.inspect import expert_usage, usage_heatmap, usage_table
 
@@ -262,9 +258,9 @@ def evaluate(
     with _user_errors():
         checks.check_positive(seq_len=seq_len, stride=stride, batch_size=batch_size)
         checks.check_dtype(dtype)
-        _check_model(model)
+        checks.check_model_source(model)
         if baseline is not None:
-            _check_model(baseline)
+            checks.check_model_source(baseline)
         import moepress
 
         report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
@@ -300,7 +296,7 @@ def finetune(
     with _user_errors():
         checks.check_positive(steps=steps, batch_size=batch_size, seq_len=seq_len, samples=samples)
         checks.check_dtype(dtype)
-        _check_model(str(checkpoint))
+        checks.check_model_source(str(checkpoint))
         checks.check_output_dir(out, checkpoint, overwrite or resume)
         checks.check_calibration_source(None if data is None else str(data))
         from moepress.api import finetune_checkpoint
@@ -339,7 +335,7 @@ def bench(
             checks.check_ratio(ratio, None)
         checks.check_positive(samples=samples, seq_len=seq_len)
         checks.check_dtype(dtype)
-        _check_model(model)
+        checks.check_model_source(model)
         checks.check_calibration_source(calib)
         from moepress.bench import run_grid, write_report
 
