@@ -182,7 +182,7 @@ def test_naee_search_enumerates_and_greedy_is_stated():
 
 
 def test_bad_ratio_and_unknown_option_are_clear_errors(tokenizer, calib_file):
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
         moepress.compress(tiny_model("mixtral"), "reap", 1.5, calib=calib_file, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="no option"):
         moepress.compress(tiny_model("mixtral"), "reap", 0.5, bogus=1, calib=calib_file, tokenizer=tokenizer)
