@@ -19,7 +19,7 @@ from rich.console import Console
 
 console = Console()
 DEFAULT_METHODS = ("reap", "d2moe", "mergemoe", "compressed_experts")
-LABELS = {"compressed_experts": "compressed_experts (no finetune)"}
+LABELS = {"compressed_experts": "compressed_experts*"}  # * = untrained vectors (caption)
 
 
 def _reference_model() -> str:
@@ -80,22 +80,29 @@ def _retained(metric: str, value, original) -> str:
     return "–" if kept is None else f"{kept:.1f}"
 
 
+def _millions(count: float) -> str:
+    return f"{count / 1e6:.2f}M"
+
+
 def demo_table(rows: dict[str, dict], ratio: float):
     """One row per model: parameters, then quality with the share of the original kept."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"moepress demo: the reference model compressed at ratio {ratio}", caption=(
-        "↓ lower is better, ↑ higher is better. retained % = how much of the original's quality is kept "
-        "(original/compressed for perplexity, compressed/original for accuracy); 100 = nothing lost. "
-        "geo-mean ppl = geometric mean of the held-out domains' perplexities."))
-    columns = ("model", "total params", "active params / token", "geo-mean ppl ↓", "ppl retained %",
-               "next-chunk acc ↑", "domain acc ↑", "acc retained %")
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    table = Table(title=f"moepress demo: the reference model compressed at ratio {ratio}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 1),
+                  caption=("↓ lower is better, ↑ higher is better. retained % = how much of the original's quality "
+                           "is kept (original/compressed for perplexity, compressed/original for next-chunk "
+                           "accuracy); 100 = nothing lost. geo-mean ppl = geometric mean of the held-out domains' "
+                           "perplexities. * vectors not yet learned (no finetune)."))
+    columns = ("model", "params", "active / token", "geo mean ppl ↓", "retained %", "next chunk acc ↑",
+               "domain acc ↑", "retained %")
+    for i, name in enumerate(columns):  # headers wrap at spaces; no cell is cut in an 80-column terminal
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold",
+                         min_width=None if i == 0 else 6)
     original = rows["original"]
+    acc = "next_chunk/acc"
     for label, m in rows.items():
-        acc = "next_chunk/acc"
-        table.add_row(label, f"{m['params/total']:,.0f}", f"{m['params/active_per_token']:,.0f}",
-                      f"{m['ppl/geo-mean']:.3f}", _retained("ppl", m["ppl/geo-mean"], original["ppl/geo-mean"]),
+        table.add_row(label, _millions(m["params/total"]), _millions(m["params/active_per_token"]),
+                      f"{m['ppl/geo-mean']:.2f}", _retained("ppl", m["ppl/geo-mean"], original["ppl/geo-mean"]),
                       f"{m[acc]:.3f}", f"{m['domain_mc/acc']:.3f}", _retained(acc, m[acc], original[acc]))
     return table
