@@ -96,14 +96,16 @@ def test_moe_pruner_zeroes_exactly_the_ratio_per_row(pattern, ratio, tokenizer, 
     assert counts == 8  # architecture unchanged
 
 
-def test_moe_pruner_ratio_zero_is_identity(tokenizer, calib_file):
-    model = tiny_model("mixtral")
-    with torch.no_grad():
-        before = model(_ids()).logits.clone()
-    result = moepress.compress(model, "moe_pruner", 0.0, calib=calib_file, samples=4, seq_len=32, tokenizer=tokenizer)
-    with torch.no_grad():
-        assert torch.equal(result.model(_ids()).logits, before)
-    assert all(r["pruned_weights"] == 0 for r in result.records.values())
+def test_moe_pruner_zero_sparsity_mask_keeps_everything_and_ratio_zero_is_refused():
+    """Sparsity 0 keeps every weight (the identity at the formula level); the API refuses ratio 0
+    because it would compress nothing (issue 12), with a message that says so."""
+    from moepress.ops.moe_pruner import unstructured_row_mask
+
+    scores = torch.rand(6, 10, generator=torch.Generator().manual_seed(0))
+    assert bool(unstructured_row_mask(scores, 0.0).all())
+    assert int(unstructured_row_mask(scores, 0.5).sum()) == 30
+    with pytest.raises(ConfigError, match="nothing to compress"):
+        build_method("moe_pruner", ratio=0.0)
 
 
 def test_moe_pruner_config_errors_are_for_people():

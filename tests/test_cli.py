@@ -41,7 +41,7 @@ def test_compress_writes_a_stock_checkpoint_and_record(tiny_checkpoint, calib_fi
 def test_bad_input_gets_a_clear_message_and_exit_code_2(tiny_checkpoint, calib_file, tmp_path):
     src = tiny_checkpoint("mixtral")
     res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "1.5", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "[0, 1)" in res.output
+    assert res.exit_code == 2 and "(0, 1)" in res.output
     res = runner.invoke(app, ["compress", str(src), "-m", "nope", "--ratio", "0.5", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "unknown method 'nope'" in res.output
     res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--out", str(src)])

@@ -11,7 +11,9 @@ text and a tokenizer are needed at all (`Method.needs_calibration`), which devic
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from .arch import family_of, parameter_counts
 from .calib import build_calibration
 from .devices import resolve_device
 from .export import OutputDir, check_output_dir, save_checkpoint
-from .loading import load, load_pretrained, load_tokenizer
+from .loading import check_model_files, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
 from .methods import ConfigError, Method, build_method
 from .pipeline import compress_layers
 from .record import library_versions, read_record, stage_figures
@@ -81,9 +83,9 @@ class CompressionResult:
 
 def compress(model, method: str, ratio: float | None = None, *, experts: int | None = None,
              calib=None, samples: int = 128, seq_len: int | None = None, seed: int = 0,
-             batch_size: int = 8, tokenizer=None, dtype: torch.dtype | None = torch.float32,
+             batch_size: int = 8, tokenizer=None, dtype: torch.dtype | str = "auto",
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
-             progress=None, device: str | torch.device = "auto", hidden_on: str = "auto",
+             progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
              **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
@@ -104,12 +106,17 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         device: "auto" (this rank's GPU if there is one, else the CPU), "cpu", "cuda", "cuda:N":
             each decoder layer is computed there in turn (the model waits on the CPU).
         hidden_on: where calibration hidden states wait between layers: "auto", "cpu", "device".
+        dtype: dtype of the result and its checkpoint: "auto" (default) = the source's own dtype, or
+            "float32" / "float16" / "bfloat16" / a torch dtype; recorded as `dtype` in moepress.json.
+            The work itself (forwards, statistics, solves) runs in float32 whatever the source.
+        log: optional `log(message)` for notices (a resumed run, a cleared work directory).
         options: the method's own config fields.
     Under `torchrun` the calibration sequences are split across ranks and statistics summed
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
     Returns: a `CompressionResult`; call `.save(out)`.
     """
     t_start = time.perf_counter()
+    log = log or (lambda message: None)
     torch.manual_seed(seed)
     compute_device = resolve_device(device)
     joined_before = distributed.world_size() > 1
@@ -120,15 +127,44 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     method_obj = build_method(method, ratio=ratio, experts=experts, **options)
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     target = check_output_dir(out, source, overwrite) if out is not None else None
+    if isinstance(model, (str, Path)):
+        check_model_files(model)
+    out_dtype = resolve_dtype(dtype, model)
     t0 = time.perf_counter()
     work = _work_dir(offload, model, method_obj, target)
-    model_obj, tok, store = _open_model(model, method_obj, dtype, tokenizer, work)
+    with _drop_unused_work_dir(work):
+        return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
+                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on)
+
+
+@contextlib.contextmanager
+def _drop_unused_work_dir(work: tuple[Path, bool] | None):
+    """A run that fails before finishing any layer leaves no work directory it created behind (one
+    with finished layers stays, so the same command resumes from it)."""
+    try:
+        yield
+    except BaseException:
+        if work is not None and work[1] and work[0].is_dir() and not any(work[0].glob("layer-*.safetensors")):
+            shutil.rmtree(work[0], ignore_errors=True)
+        raise
+
+
+def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
+              batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
+              hidden_on: str) -> CompressionResult:
+    """The body of `compress` once its arguments are checked (see there)."""
+    model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
     calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)
     _check_shards(calibration)
     if store is not None:
-        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size))
+        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
+        if resumed:
+            log(f"resumed: {resumed} finished layer(s) reused from {store.work_dir}")
+        elif store.cleared:
+            log(f"cleared {store.work_dir}: it held layers of a different run (other model, method, options "
+                f"or calibration)")
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
@@ -136,6 +172,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
+    model_obj.to(out_dtype)
+    model_obj.config.dtype = out_dtype
     record = {
         "moepress_record": 1,
         "method": method_obj.name,
@@ -145,6 +183,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         "family": family_of(model_obj).model_type,
         "calibration": calibration.describe() if calibration is not None else None,
         "seed": seed,
+        "dtype": dtype_name(out_dtype),
+        "compute_dtype": "float32",
         "batch_size": batch_size,
         "propagation": "compressed" if calibration is not None else "none",
         "layers": {str(k): v for k, v in records.items()},
@@ -203,16 +243,18 @@ def _work_dir(offload, model, method: Method, target: OutputDir | None) -> tuple
                                              if distributed.is_main_process() else None)), True
 
 
-def _open_model(model, method: Method, dtype, tokenizer, work: tuple[Path, bool] | None):
-    """`(model, tokenizer or None, layer store or None)`; the tokenizer is optional for a method
-    that reads no calibration text."""
+def _open_model(model, method: Method, tokenizer, work: tuple[Path, bool] | None, out_dtype: torch.dtype):
+    """`(model in float32, tokenizer or None, layer store or None)`; the tokenizer is optional for a
+    method that reads no calibration text. A model object of another dtype is converted in place
+    (compression edits it in place anyway); streamed layers are written in `out_dtype`."""
     if work is None:
-        model_obj, tok = load_pretrained(model, dtype=dtype, tokenizer=tokenizer,
+        model_obj, tok = load_pretrained(model, dtype=torch.float32, tokenizer=tokenizer,
                                          require_tokenizer=method.needs_calibration)
-        return model_obj, tok, None
+        return model_obj.float(), tok, None
     from .layer_store import open_streaming
 
-    model_obj, store = open_streaming(model, work[0], dtype=dtype or torch.float32, owns_work_dir=work[1])
+    model_obj, store = open_streaming(model, work[0], dtype=torch.float32, owns_work_dir=work[1],
+                                      output_dtype=out_dtype)
     return model_obj, load_tokenizer(model, tokenizer, required=method.needs_calibration), store
 
 
@@ -225,13 +267,13 @@ def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
     model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
-def _run_key(source, method: Method, calibration, batch_size: int) -> str:
-    """Identity of a run for resuming: same source, method, config, calibration tokens, batching."""
+def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype) -> str:
+    """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype."""
     import hashlib
     import json
 
     h = hashlib.sha256()
-    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size],
+    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)],
                         sort_keys=True, default=str).encode())
     if calibration is not None:
         h.update(calibration.input_ids.numpy().tobytes())
@@ -247,21 +289,23 @@ def methods() -> dict[str, str]:
 
 def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *, samples: int = 4096,
                         seq_len: int = 256, resume: bool = False, progress: bool = True,
-                        overwrite: bool = False, device: str | torch.device = "auto") -> Path:
+                        overwrite: bool = False, device: str | torch.device = "auto",
+                        dtype: torch.dtype | str = "auto") -> Path:
     """Load a moepress result, fine-tune it on packed text from `data`, save a loadable checkpoint.
 
     `config` is a `methods.compressed_experts.finetune.FinetuneConfig`. Training checkpoints go to
     `<out>.state/` (beside the output, which is replaced atomically at the end); the output holds
     the model (same custom export as `compress`), its tokenizer, moepress.json (the source record
-    plus a "finetune" entry) and `loss.png`. `device`: where training runs ("auto" | "cpu" | "cuda"
-    | "cuda:N"); the model is saved from the CPU.
+    plus a "finetune" entry) and `loss.png`. Training runs in float32 on `device` ("auto" | "cpu" |
+    "cuda" | "cuda:N"); the output is written from the CPU in `dtype` ("auto" = the checkpoint's own).
     """
     from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses
 
     out = Path(out).expanduser()
     compute_device = resolve_device(device)
     target = check_output_dir(out, checkpoint, overwrite)
-    model, tokenizer = load_pretrained(checkpoint)
+    out_dtype = resolve_dtype(dtype, checkpoint)
+    model, tokenizer = load_pretrained(checkpoint, dtype=torch.float32)
     model.to(compute_device)
     ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
     result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
@@ -269,6 +313,9 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     model.to("cpu")
     record = read_record(checkpoint) or {"source_model": str(checkpoint)}
     record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
+    record["dtype"] = dtype_name(out_dtype)
+    model.to(out_dtype)
+    model.config.dtype = out_dtype
     custom = any(getattr(m, "is_moepress_block", False) for m in model.modules())
     path = save_checkpoint(model, target, method_name=record.get("method", "finetune"),
                            export="custom" if custom else "stock", record=record, tokenizer=tokenizer)

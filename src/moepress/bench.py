@@ -11,12 +11,13 @@ from typing import Callable, Optional
 def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, calib=None, samples: int = 64,
              seq_len: int = 256, ppl: Optional[list[str]] = None, tasks: Optional[list[str]] = None,
              mc_per_domain: int = 16, log: Callable[[str], None] = lambda message: None,
-             device: str = "auto") -> list[dict]:
+             device: str = "auto", dtype: str = "auto") -> list[dict]:
     """Compress `model` with every (method, ratio), evaluate each the same way; rows also go to `out`.
 
     `device` ("auto" | "cpu" | "cuda" | "cuda:N") computes compression and evaluation there.
 
     Each result is evaluated in memory, so compression keeps the model resident (offload=False).
+    `dtype`: of the original's evaluation and of each result ("auto" = the source's).
     """
     from .api import compress
     from .devices import resolve_device
@@ -29,12 +30,12 @@ def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, 
     tasks = tasks if tasks is not None else ["next_chunk"]
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(ppl=ppl, tasks=tasks, seq_len=seq_len, mc_per_domain=mc_per_domain, device=device)
-    rows = [{"method": "original", "ratio": 0.0, **_summary(evaluate(model, **settings)), "seconds": 0.0}]
+    rows = [{"method": "original", "ratio": 0.0, **_summary(evaluate(model, dtype=dtype, **settings)), "seconds": 0.0}]
     for method in methods:
         for ratio in ratios:
             t0 = time.perf_counter()
             result = compress(model, method, ratio, calib=calib, samples=samples, seq_len=seq_len, offload=False,
-                              device=device)
+                              device=device, dtype=dtype)
             seconds = time.perf_counter() - t0
             report = evaluate(result.model, tokenizer=result.tokenizer, **settings)
             rows.append({"method": method, "ratio": ratio, **_summary(report), "seconds": round(seconds, 1)})

@@ -1,20 +1,29 @@
-"""The `moepress` command line (DESIGN.md §1). Thin: parse, call the API, print."""
+"""The `moepress` command line (DESIGN.md §1). Thin: check the arguments, call the API, print.
+
+First contact is fast: this module imports neither torch nor moepress's heavy modules at load
+time (`moepress --help` answers at once), and each command checks its arguments with
+`moepress.checks` before importing anything heavy and before any progress bar is drawn. Any error
+ends the command with one line `error: ...` on stderr and exit code 2 (no traceback; set
+MOEPRESS_DEBUG=1 to see one).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from . import checks
 from .zoo.cli import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Mixture-of-Experts LLMs and measure what it cost.")
 console = Console(stderr=True)
+DTYPE_HELP = "dtype of the output / of evaluation: auto (the source's dtype) | float32 | float16 | bfloat16"
 
 
 def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
@@ -22,21 +31,58 @@ def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
 
     out = {}
     if recipe is not None:
-        data = yaml.safe_load(Path(recipe).read_text()) or {}
+        if not Path(recipe).is_file():
+            raise checks.InputError(f"--recipe {recipe} does not exist")
+        try:
+            data = yaml.safe_load(Path(recipe).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise checks.InputError(f"--recipe {recipe} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
-            raise typer.BadParameter(f"{recipe}: expected a mapping of option: value")
+            raise checks.InputError(f"--recipe {recipe}: expected a mapping of option: value")
         out.update(data)
     for item in opts or []:
         if "=" not in item:
-            raise typer.BadParameter(f"--opt expects NAME=VALUE, got {item!r}")
+            raise checks.InputError(f"--opt expects NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = value
     return out
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {' '.join(str(message).split())}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
+
+
+def _message(exc: BaseException) -> str:
+    """One line for the user. Our own errors and the OS's carry a message meant for people; anything
+    else is a bug in moepress or a library, said as such."""
+    if isinstance(exc, (ValueError, OSError, RuntimeError, ImportError)):
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+            text = f"{text}: {exc.filename}"
+        return text
+    return (f"unexpected {type(exc).__name__}: {exc} (a bug: please report it; MOEPRESS_DEBUG=1 shows the "
+            f"traceback)")
+
+
+@contextlib.contextmanager
+def _user_errors(note=None):
+    """Turn any exception into one `error:` line and exit 2; `note()` may add a line (e.g. leftovers)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user gets one line, the debug switch the traceback
+        if os.environ.get("MOEPRESS_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/] {' '.join(_message(exc).split())}", soft_wrap=True, highlight=False)
+        extra = note() if note is not None else None
+        if extra:
+            console.print(extra, soft_wrap=True, highlight=False)
+        raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -44,15 +90,17 @@ def compress(
     model: str = typer.Argument(..., help="model directory or hub id"),
     method: str = typer.Option(..., "--method", "-m", help="registry name (see `moepress methods`)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
-    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1)"),
     experts: Optional[int] = typer.Option(None, help="routed experts kept per layer (replaces --ratio)"),
     calib: Optional[str] = typer.Option(None, help="calibration file, folder, jsonl or saved dataset"),
     samples: int = typer.Option(128, help="calibration sequences"),
     seq_len: Optional[int] = typer.Option(None, help="tokens per sequence (default min(2048, max positions))"),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8, help="sequences per forward batch"),
-    opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option NAME=VALUE (repeatable)"),
+    opt: Optional[list[str]] = typer.Option(None, "--opt", help="method option NAME=VALUE (repeatable; "
+                                            "`moepress methods NAME` lists them)"),
     recipe: Optional[Path] = typer.Option(None, help="YAML file of method options"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " (statistics and solves stay float32)"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     offload: Optional[bool] = typer.Option(
         None, "--offload/--no-offload", help="read layers from disk one at a time (bounded memory; resumable "
@@ -63,21 +111,50 @@ def compress(
                                   "layers: auto | cpu | device"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
-    import moepress
-    from moepress.progress import layer_progress
-    from moepress.devices import resolve_device
-
-    try:
+    with _user_errors():
+        checks.check_method_name(method)
+        checks.check_ratio(ratio, experts)
+        checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
+        checks.check_dtype(dtype)
+        checks.check_model_source(model)
+        checks.check_output_dir(out, model, overwrite)
+        checks.check_calibration_source(calib)
         options = _parse_opts(opt, recipe)
-        resolve_device(device)  # a GPU that is not there fails before the progress display starts
-        with layer_progress(quiet) as progress:
-            result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
-                                       seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
-                                       offload="auto" if offload is None else offload, out=out,
-                                       overwrite=overwrite, device=device, hidden_on=hidden_on, **options)
-        path = result.save()
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(exc)
+    work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
+    with _user_errors(note=lambda: _leftover_note(work)):
+        path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
+                                     dtype, out, overwrite, offload, quiet, options, device, hidden_on)
+    _print_result(result, path, method, model)
+
+
+def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size, dtype, out, overwrite,
+                  offload, quiet, options, device, hidden_on):
+    import moepress
+    from moepress.devices import resolve_device
+    from moepress.progress import layer_progress
+
+    resolve_device(device)  # a GPU that is not there fails before the progress display starts
+
+    with layer_progress(quiet) as progress:
+        result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
+                                   seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
+                                   dtype=dtype, offload="auto" if offload is None else offload, out=out,
+                                   overwrite=overwrite, log=lambda message: console.print(message, soft_wrap=True),
+                                   device=device, hidden_on=hidden_on, **options)
+    return result.save(), result
+
+
+def _leftover_note(work: Path) -> str | None:
+    """A failed bounded-memory run keeps its finished layers in `work`: say so, and how to use them."""
+    if work.is_dir() and any(work.glob("layer-*.safetensors")):
+        return (f"note: finished layers of this run are kept in {work}; rerun the same command to resume "
+                f"from them, or delete that folder")
+    return None
+
+
+def _print_result(result, path: Path, method: str, model: str) -> None:
+    from rich.table import Table
+
     before, after = result.record["parameters"]["before"], result.record["parameters"]["after"]
     table = Table(title=f"{method} on {model}")
     for col in ("", "total params", "routed-expert params", "active params / token"):
@@ -85,21 +162,38 @@ def compress(
     for name, c in (("before", before), ("after", after)):
         table.add_row(name, f"{c['total']:,}", f"{c['routed_experts']:,}", f"{c['active_per_token']:,}")
     Console().print(table)
-    Console().print(f"checkpoint: {path}")
+    Console().print(f"checkpoint: {path} ({result.record.get('dtype', '?')})")
+    if result.method.next_step:
+        Console().print(f"next: {result.method.next_step.format(path=path)}")
 
 
 @app.command("methods")
-def list_methods():
-    """List the registered methods with one line each."""
-    import moepress
-    from moepress.methods import get_method
+def list_methods(name: Optional[str] = typer.Argument(None, help="a method: show its --opt options")):
+    """List the registered methods with one line each, or one method's options (type, default, help)."""
+    from rich.table import Table
 
-    table = Table(title="moepress methods")
-    table.add_column("name")
-    table.add_column("output")
-    table.add_column("what it does")
-    for name, summary in moepress.methods().items():
-        table.add_row(name, get_method(name).export, summary)
+    with _user_errors():
+        if name is not None:
+            checks.check_method_name(name)
+        import moepress
+        from moepress.methods import describe_options, get_method
+
+        if name is not None:
+            cls = get_method(name)
+            table = Table(title=f"{name}: {cls.summary}")
+            for col in ("option", "type", "default", "help"):
+                table.add_column(col)
+            for row in describe_options(cls):
+                table.add_row(f"--opt {row['name']}=" if row["name"] not in ("ratio", "experts") else
+                              f"--{row['name']}", row["type"], row["default"], row["help"])
+            Console().print(table)
+            return
+        table = Table(title="moepress methods (`moepress methods NAME` shows a method's options)")
+        table.add_column("name")
+        table.add_column("output")
+        table.add_column("what it does")
+        for method_name, summary in moepress.methods().items():
+            table.add_row(method_name, get_method(method_name).export, summary)
     Console().print(table)
 
 
@@ -109,37 +203,46 @@ def inspect(
     calib: Optional[str] = typer.Option(None, help="calibration source (default: built-in text)"),
     samples: int = typer.Option(32),
     seq_len: int = typer.Option(256),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     plot: Optional[Path] = typer.Option(None, help="folder for an expert-usage heatmap PNG"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the usage table as JSON"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Per-layer expert usage on calibration data, as a table (and a heatmap with --plot)."""
-    from moepress.inspect import expert_usage, usage_heatmap, usage_table
+    with _user_errors():
+        checks.check_positive(samples=samples, seq_len=seq_len)
+        checks.check_dtype(dtype)
+        checks.check_model_source(model)
+        checks.check_calibration_source(calib)
+        from moepress.inspect import expert_usage, usage_heatmap, usage_table
 
-    try:
-        usage = expert_usage(model, calib=calib, samples=samples, seq_len=seq_len, device=device)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(exc)
-    Console().print(usage_table(usage))
-    if json_out is not None:
-        import json
+        usage = expert_usage(model, calib=calib, samples=samples, seq_len=seq_len, dtype=dtype, device=device)
+        Console().print(usage_table(usage))
+        if json_out is not None:
+            from moepress.record import strict_json
 
-        json_out.write_text(json.dumps(usage, indent=2))
-    if plot is not None:
-        Console().print(f"heatmap: {usage_heatmap(usage, plot)}")
+            json_out.write_text(strict_json(usage))
+        if plot is not None:
+            Console().print(f"heatmap: {usage_heatmap(usage, plot)}")
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("out/demo"), help="where the compressed checkpoint goes"),
-    method: str = typer.Option("reap", help="method to demonstrate"),
-    ratio: float = typer.Option(0.5),
+    out: Path = typer.Option(Path("out/demo"), help="folder for the compressed checkpoints (one per method)"),
+    methods: str = typer.Option("reap,d2moe,mergemoe,compressed_experts", "--methods",
+                                help="comma list of methods to compare"),
+    ratio: float = typer.Option(0.5, help="fraction of routed-expert parameters removed, in (0, 1)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """The whole job on built-in defaults: compress the reference model, evaluate before and after."""
-    from moepress.demo import run_demo
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    with _user_errors():
+        for name in names:
+            checks.check_method_name(name)
+        checks.check_ratio(ratio, None)
+        from moepress.demo import run_demo
 
-    run_demo(out=out, method=method, ratio=ratio, quiet=quiet)
+        run_demo(out=out, methods=names, ratio=ratio, quiet=quiet)
 
 
 @app.command("eval")
@@ -153,24 +256,28 @@ def evaluate(
     seq_len: int = typer.Option(256, "--seq-len", help="window length in tokens for perplexity"),
     stride: Optional[int] = typer.Option(None, "--stride", help="window stride (default: seq-len)"),
     batch_size: int = typer.Option(8, "--batch-size"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     speed: bool = typer.Option(False, "--speed/--no-speed", help="also measure prefill/decode tokens/s"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval items per task (quick runs)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Perplexity, multiple-choice tasks, parameter counts and speed of MODEL (and --baseline)."""
-    import moepress
+    with _user_errors():
+        checks.check_positive(seq_len=seq_len, stride=stride, batch_size=batch_size)
+        checks.check_dtype(dtype)
+        checks.check_model_source(model)
+        if baseline is not None:
+            checks.check_model_source(baseline)
+        import moepress
 
-    try:
         report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
-                                   batch_size=batch_size, speed=speed, baseline=baseline,
+                                   batch_size=batch_size, speed=speed, baseline=baseline, dtype=dtype,
                                    lm_eval_limit=int(limit) if limit and limit >= 1 else limit,
                                    log=lambda message: console.log(message), device=device)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as exc:
-        _fail(exc)
-    Console().print(report.table())
-    if json_path is not None:
-        Console().print(f"report: {report.save_json(json_path)}")
+        Console().print(report.table())
+        if json_path is not None:
+            Console().print(f"report: {report.save_json(json_path)}")
 
 
 @app.command()
@@ -185,6 +292,7 @@ def finetune(
     seq_len: int = typer.Option(256),
     samples: int = typer.Option(4096, help="packed training sequences drawn from --data"),
     lr: Optional[float] = typer.Option(None, help="peak lr (default 1e-2 vectors, 3e-4 otherwise)"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " (training itself runs in float32)"),
     save_every: int = typer.Option(0, help="checkpoint every N steps"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT.state/latest"),
     seed: int = typer.Option(0),
@@ -193,17 +301,20 @@ def finetune(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Fine-tune a compressed model (Compressed Experts vectors, or everything) on packed text."""
-    from moepress.api import finetune_checkpoint
-    from moepress.methods.compressed_experts.finetune import FinetuneConfig
+    out = out or checkpoint.with_name(checkpoint.name + "-finetuned")
+    with _user_errors():
+        checks.check_positive(steps=steps, batch_size=batch_size, seq_len=seq_len, samples=samples)
+        checks.check_dtype(dtype)
+        checks.check_model_source(str(checkpoint))
+        checks.check_output_dir(out, checkpoint, overwrite or resume)
+        checks.check_calibration_source(None if data is None else str(data))
+        from moepress.api import finetune_checkpoint
+        from moepress.methods.compressed_experts.finetune import FinetuneConfig
 
-    try:
         config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, train=train, distill=distill,
                                 save_every=save_every, seed=seed)
-        path = finetune_checkpoint(checkpoint, data, out or checkpoint.with_name(checkpoint.name + "-finetuned"),
-                                   config, samples=samples, seq_len=seq_len, resume=resume, progress=not quiet,
-                                   overwrite=overwrite or resume, device=device)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(exc)
+        path = finetune_checkpoint(checkpoint, data, out, config, samples=samples, seq_len=seq_len, resume=resume,
+                                   progress=not quiet, overwrite=overwrite or resume, dtype=dtype, device=device)
     Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")
 
 
@@ -216,21 +327,34 @@ def bench(
     calib: Optional[str] = typer.Option(None, help="calibration source (default: built-in text)"),
     samples: int = typer.Option(64),
     seq_len: int = typer.Option(256),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
     tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
 ):
     """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
-    from moepress.bench import run_grid, write_report
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    with _user_errors():
+        for name in names:
+            checks.check_method_name(name)
+        try:
+            ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
+        except ValueError:
+            raise checks.InputError(f"--ratios expects comma-separated numbers in (0, 1), got {ratios!r}") from None
+        for ratio in ratio_values:
+            checks.check_ratio(ratio, None)
+        checks.check_positive(samples=samples, seq_len=seq_len)
+        checks.check_dtype(dtype)
+        checks.check_model_source(model)
+        checks.check_calibration_source(calib)
+        from moepress.bench import run_grid, write_report
 
-    try:
-        rows = run_grid(model, [m.strip() for m in methods.split(",") if m.strip()],
-                        [float(r) for r in ratios.split(",") if r.strip()], out, calib=calib, samples=samples,
-                        seq_len=seq_len, ppl=ppl.split(",") if ppl else None,
-                        tasks=[t for t in tasks.split(",") if t.strip()], log=console.print, device=device)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(exc)
-    md, png = write_report(rows, out)
+        rows = run_grid(model, names, ratio_values, out, calib=calib, samples=samples, seq_len=seq_len,
+                        ppl=ppl.split(",") if ppl else None, tasks=[t for t in tasks.split(",") if t.strip()],
+                        dtype=dtype, log=console.print, device=device)
+        md, png = write_report(rows, out)
+    from rich.table import Table
+
     table = Table(title=f"moepress bench: {model}")
     for col in ("method", "ratio", "ppl", "acc", "routed params"):
         table.add_column(col, justify="right")

@@ -14,36 +14,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
-
 from safetensors.torch import save_file
 from torch import nn
 
 from .arch import decoder_layers, family_of
+from .checks import ExportError, OutputDir, check_output_dir  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
 from .record import stage_figures, write_record
-
-
-class ExportError(ValueError):
-    """The output location is unusable (e.g. it is the source model); the message says why."""
-
-
-class OutputDir(NamedTuple):
-    """An output location that `check_output_dir` accepted (resolved path, overwrite allowed)."""
-
-    path: Path
-    overwrite: bool
-
-
-def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool) -> OutputDir:
-    """Refuse to write over the source model, and over an existing directory unless `overwrite`."""
-    out = Path(out).expanduser().resolve()
-    if source is not None and Path(str(source)).expanduser().exists():
-        if out == Path(str(source)).expanduser().resolve():
-            raise ExportError(f"output {out} is the source model; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-    return OutputDir(out, bool(overwrite))
 
 
 def custom_layers(model: nn.Module) -> dict[str, dict]:
@@ -90,6 +67,7 @@ def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_nam
         if timed_stage is not None:
             record.setdefault("stages", {})[timed_stage] = stage_figures(started)
         write_record(tmp, record)
+        _apply_umask(tmp)
         _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,8 +119,33 @@ def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
     save_file(rest, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
     weight_map = {k: "model-rest.safetensors" for k in rest}
     weight_map.update(store.hand_over(tmp))
-    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
+    total = sum(_tensor_bytes(tmp / name) for name in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
+
+
+def _tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: the file less its 8-byte length and its header."""
+    with path.open("rb") as fh:
+        header_length = int.from_bytes(fh.read(8), "little")
+    return path.stat().st_size - 8 - header_length
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the user's umask asks for, as `save_pretrained`
+    does: `mkdtemp` makes the directory owner-only and safetensors writes its files 0600, which on a
+    shared server would hide the checkpoint from colleagues."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

@@ -31,12 +31,12 @@ class _RecordUsage(Method):
 
 
 def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None,
-                 device: str | torch.device = "auto") -> dict:
+                 device: str | torch.device = "auto", dtype="auto") -> dict:
     """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`.
 
     device: where each layer runs (`devices.resolve_device`; the model waits on the CPU)."""
     compute_device = resolve_device(device)
-    model_obj, tok = load_pretrained(model, tokenizer=tokenizer)
+    model_obj, tok = load_pretrained(model, tokenizer=tokenizer, dtype=dtype)
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
     records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration, device=compute_device)
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,

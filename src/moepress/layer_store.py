@@ -85,8 +85,10 @@ class StreamingLayers:
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, work_dir: Path,
-                 owns_work_dir: bool = False):
+                 owns_work_dir: bool = False, output_dtype: torch.dtype | None = None):
         self.model, self.reader, self.dtype = model, reader, dtype
+        self.output_dtype = output_dtype or dtype  # finished shards are written in this dtype
+        self.cleared = False  # resume() found and removed another run's layers
         self.work_dir = Path(work_dir)
         self.owns_work_dir = owns_work_dir  # a directory we created is removed once handed over
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,7 @@ class StreamingLayers:
         if state.get("run_key") != run_key and distributed.is_main_process():
             for stale in self.work_dir.glob("layer-*.safetensors"):
                 stale.unlink()
+                self.cleared = True
             progress.unlink(missing_ok=True)
         distributed.barrier()
         if state.get("run_key") != run_key:
@@ -165,7 +168,8 @@ class StreamingLayers:
         release_freed_memory()
 
     def _write_finished(self, layer: nn.Module, index: int, record: dict | None) -> None:
-        state = {f"{LAYER_PREFIX}{index}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+        state = {f"{LAYER_PREFIX}{index}.{k}": (v.to(self.output_dtype) if v.is_floating_point() else v).contiguous()
+                 for k, v in layer.state_dict().items()}
         name = f"layer-{index:05d}.safetensors"
         save_file(state, str(self.work_dir / name), metadata={"format": "pt"})
         self.shards.update({k: name for k in state})
@@ -215,16 +219,22 @@ def release_freed_memory() -> None:
         pass
 
 
-def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.float32, owns_work_dir: bool = False):
+def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.float32, owns_work_dir: bool = False,
+                   output_dtype: torch.dtype | None = None):
     """(model with layers on meta and everything else loaded, its `StreamingLayers` store).
 
-    `owns_work_dir`: the caller created `work_dir` for this run only; it is removed at `hand_over`."""
+    `dtype`: the dtype layers are computed in; `output_dtype` (default `dtype`): the dtype finished
+    layer shards are written in. `owns_work_dir`: the caller created `work_dir` for this run only;
+    it is removed at `hand_over`."""
+    from .loading import check_model_files
+
+    check_model_files(path)
     config = transformers.AutoConfig.from_pretrained(str(path))
     spec = family_of(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    store = StreamingLayers(model, CheckpointReader(path, spec), dtype, work_dir, owns_work_dir)
+    store = StreamingLayers(model, CheckpointReader(path, spec), dtype, work_dir, owns_work_dir, output_dtype)
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in _non_layer_modules(model):
         if tied and module is model.get_output_embeddings():

@@ -15,15 +15,17 @@ from torch import nn
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> nn.Module:
-    """Load a model directory or hub id in eval mode.
+    """Load a model directory or hub id in eval mode, in `dtype` ("auto" = the checkpoint's own dtype;
+    float32 by default, the safe choice for comparing logits).
 
     moepress outputs with custom blocks load as moepress's own classes, without
     `trust_remote_code`; stock models and stock results load as the stock transformers class.
     """
     import transformers
 
-    _require_reachable(path)
+    check_model_files(path)
     config = transformers.AutoConfig.from_pretrained(str(path))
+    dtype = resolve_dtype(dtype, config)
     if getattr(config, "moepress", None):
         from .modeling import modeling_moepress
 
@@ -66,7 +68,7 @@ def load_pretrained(source, *, dtype: torch.dtype | str | None = torch.float32, 
     loaded with `load` in `dtype`. The tokenizer follows `load_tokenizer(source, tokenizer,
     require_tokenizer)`.
     """
-    model = load(source, dtype) if isinstance(source, (str, Path)) else source
+    model = load(source, dtype) if isinstance(source, (str, Path)) else source  # a dtype name is resolved in load
     return model, load_tokenizer(source, tokenizer, required=require_tokenizer)
 
 
@@ -76,8 +78,71 @@ def _source_name(source) -> str | None:
     return getattr(source, "name_or_path", None) or None
 
 
-def _require_reachable(path: str | Path) -> None:
-    """A clear error for a name that is neither a local directory nor reachable (offline hub)."""
-    if not Path(str(path)).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"model {str(path)!r} is not a local directory and the hub is offline "
-                                f"(HF_HUB_OFFLINE=1)")
+def check_model_files(path: str | Path) -> None:
+    """A clear error for a missing directory, an unreachable hub id or a truncated safetensors file."""
+    from .checks import check_model_source, check_safetensors_files
+
+    check_model_source(path)
+    check_model_family(path)
+    check_safetensors_files(path)
+
+
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def check_model_family(path: str | Path) -> None:
+    """A local model's `model_type` is a supported MoE family; a dense model is told it is not an MoE
+    model, an MoE model of another family which families are supported."""
+    from .arch import SUPPORTED
+    from .checks import InputError, model_type_of
+
+    model_type = model_type_of(path)
+    if model_type is None or model_type in SUPPORTED:
+        return
+    import json
+
+    config = json.loads((Path(str(path)).expanduser() / "config.json").read_text())
+    if config.get("moepress") or config.get("moepress_base_model_type") in SUPPORTED:
+        return  # a moepress output: its family is checked when loading
+    if not any(config.get(key) for key in _EXPERT_KEYS):
+        raise InputError(f"{path} is a {model_type!r} model without routed experts: not a Mixture-of-Experts "
+                         f"model, nothing for moepress to compress (supported MoE families: {', '.join(SUPPORTED)})")
+    raise InputError(f"{path} is a {model_type!r} MoE model; moepress supports the families {', '.join(SUPPORTED)}")
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def source_dtype(source) -> torch.dtype:
+    """The floating dtype a model is stored in: a model object's parameters, else the config's `dtype`
+    (`torch_dtype` in older configs), else float32 (transformers' own default when none is recorded)."""
+    if isinstance(source, nn.Module):
+        return next((p.dtype for p in source.parameters() if p.is_floating_point()), torch.float32)
+    value = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
+    if value is None and isinstance(source, (str, Path)):
+        import json
+
+        config = Path(str(source)).expanduser() / "config.json"
+        data = json.loads(config.read_text()) if config.is_file() else {}
+        value = data.get("dtype") or data.get("torch_dtype")
+    if isinstance(value, str):
+        value = DTYPES.get(value.removeprefix("torch."))
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, source) -> torch.dtype | None:
+    """`dtype` as a torch dtype: "auto" = `source_dtype(source)` (a path, config or model), a name from
+    `DTYPES`, a torch dtype as is, None as is (the library's default)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return source_dtype(source)
+    if dtype not in DTYPES:
+        from .checks import InputError
+
+        raise InputError(f"dtype must be auto, {', '.join(DTYPES)} or a torch dtype; got {dtype!r}")
+    return DTYPES[dtype]

@@ -34,6 +34,7 @@ from torch import nn
 from . import distributed
 from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from .calib import CalibrationSet, LayerStatistics
+from .checks import InputError
 from .layer_store import InMemoryLayers
 from .methods import LayerContext, Method
 
@@ -170,6 +171,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     propagate = method.needs_calibration
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
+    check_finite_weights(model, "outside the decoder layers", skip=layers)
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
     kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
     hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
@@ -177,7 +179,9 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()
-        layer = _onto(store.onload(i), device)
+        layer = store.onload(i)
+        check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.")
+        layer = _onto(layer, device)
         finished = store.finished(i)
         if finished is not None:  # resumed: this layer was compressed by an interrupted run
             records[i] = {**finished, "resumed": True}
@@ -186,6 +190,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             layer = _onto(layer, device)  # a new block may have been built elsewhere
         if propagate:
             hidden = run_layer(layer, i, hidden, kwargs, device)
+            check_finite_hidden(hidden, i)
         if i in records and finished is None:
             _synchronize(device)
             records[i]["seconds"] = round(time.perf_counter() - t0, 3)
@@ -196,6 +201,26 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
     method.finalize(model, records)
     return records
+
+
+def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: nn.Module | None = None) -> None:
+    """Refuse NaN/Inf weights as they are onloaded, naming the tensor: a damaged checkpoint would
+    otherwise pass silently (a pruned NaN expert) or fail inside a solver with an unrelated message."""
+    skipped = {id(p) for p in skip.parameters()} if skip is not None else set()
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(tensor) in skipped or tensor.is_meta or not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise InputError(f"{where}: weight {prefix}{name} holds {nan} NaN and {inf} Inf values; the model "
+                             f"checkpoint is damaged (nothing was written)")
+
+
+def check_finite_hidden(hidden: list[torch.Tensor], index: int) -> None:
+    """Refuse calibration hidden states that stopped being finite after layer `index` (its weights were)."""
+    if not all(bool(torch.isfinite(h).all()) for h in hidden):
+        raise InputError(f"layer {index}: the calibration hidden states leaving this layer hold NaN/Inf "
+                         f"although its weights are finite (the activations overflow); nothing was written")
 
 
 def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, index: int, moe: list[int],

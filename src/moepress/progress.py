@@ -15,20 +15,31 @@ _console = Console(stderr=True)
 
 @contextlib.contextmanager
 def layer_progress(quiet: bool, description: str = "compressing"):
-    """Yields the pipeline's `progress(done, total, text)` callback (None when `quiet`)."""
+    """Yields the pipeline's `progress(done, total, text)` callback (None when `quiet`).
+
+    The bar is drawn at the first update, once the layer loop runs: an error in the arguments, the
+    model or the calibration data is never preceded by an empty "0/? layers" bar."""
     if quiet:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
-                  TimeRemainingColumn(), console=_console, transient=False) as bar:
-        task = bar.add_task(description, total=None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                   TimeRemainingColumn(), console=_console, transient=False)
+    task = None
 
-        def update(done, total, text):
-            bar.update(task, completed=done, total=total, description=f"{description} {text}")
+    def update(done, total, text):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total, description=f"{description} {text}")
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 @contextlib.contextmanager

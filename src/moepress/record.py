@@ -8,6 +8,7 @@ directory before the atomic rename.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import time
@@ -44,9 +45,25 @@ def stage_figures(started: float) -> dict:
     return {"seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": peak_rss_mb()}
 
 
+def _finite(value):
+    """`value` with every non-finite float replaced by None (strict JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(data, indent: int = 2) -> str:
+    """JSON that strict parsers accept: NaN/Infinity become null, other objects their `str`."""
+    return json.dumps(_finite(json.loads(json.dumps(data, default=str))), indent=indent, allow_nan=False) + "\n"
+
+
 def write_record(directory: Path, record: dict) -> Path:
     path = Path(directory) / RECORD_NAME
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    path.write_text(strict_json(record))
     return path
 
 

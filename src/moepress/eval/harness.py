@@ -12,7 +12,7 @@ from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
 from .report import EvalReport
 
 
-def _open(model, tokenizer):
+def _open(model, tokenizer, dtype="auto"):
     """`(model, tokenizer, name)` through the one loader; the tokenizer gets a pad token (EOS) for batching."""
     from ..loading import load_pretrained
 
@@ -20,7 +20,7 @@ def _open(model, tokenizer):
         name = str(model)
     else:
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    model, tokenizer = load_pretrained(model, tokenizer=tokenizer)
+    model, tokenizer = load_pretrained(model, tokenizer=tokenizer, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -50,7 +50,8 @@ def _split_names(values) -> list[str]:
 
 def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride: int | None = None,
              batch_size: int = 8, speed: bool = False, baseline=None, lm_eval_limit: int | float | None = None,
-             mc_per_domain: int = 32, log=None, device: str | torch.device | None = "auto") -> EvalReport:
+             mc_per_domain: int = 32, log=None, device: str | torch.device | None = "auto",
+             dtype="auto") -> EvalReport:
     """Evaluate a causal LM the same way for every method.
 
     Args:
@@ -67,13 +68,15 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         mc_per_domain: items per domain of the local multiple-choice tasks.
         device: "auto" | "cpu" | "cuda" | "cuda:N" (`devices.resolve_device`): the model is moved
             there (a model object in place); None leaves it where it is.
+        dtype: dtype a model path is loaded in: "auto" (default) = the checkpoint's own, or
+            "float32" / "float16" / "bfloat16" (a model object is used as it is).
 
     Returns:
         EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
     """
     log = log or (lambda message: None)
     target = resolve_device(device) if device is not None else None  # checked before loading
-    model, tokenizer, name = _open(model, tokenizer)
+    model, tokenizer, name = _open(model, tokenizer, dtype)
     if target is not None:
         model.to(target)
     stride = stride or seq_len
@@ -128,5 +131,5 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         report.baseline = evaluate(baseline, tokenizer=None if isinstance(baseline, (str, Path)) else tokenizer,
                                    ppl=ppl, tasks=tasks, seq_len=seq_len, stride=stride, batch_size=batch_size,
                                    speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log,
-                                   device=device)
+                                   device=device, dtype=dtype)
     return report

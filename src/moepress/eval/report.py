@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..record import strict_json
 
 #: Metric-name fragments where smaller is better; every other metric is higher-is-better.
 _LOWER_IS_BETTER = ("ppl", "perplexity", "bits_per_byte", "nll")
@@ -61,27 +62,37 @@ class EvalReport:
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(strict_json(self.to_dict()))
         return path
 
     def table(self):
-        """A ``rich.table.Table`` with one row per metric (and baseline / retained columns)."""
+        """A ``rich.table.Table`` with one row per metric (and original / retained % columns), a
+        geometric-mean perplexity row, and a caption saying what the arrows and retained % mean."""
         from rich.table import Table
 
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        table = Table(title=f"moepress eval: {self.model}", caption=settings or None)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
+        legend = "↓ lower is better, ↑ higher is better"
         if self.baseline is not None:
-            table.add_column(f"baseline ({self.baseline.model})", justify="right")
+            legend += ("; retained % = how much of the original's quality is kept (original/compressed for ↓, "
+                       "compressed/original for ↑); 100 = nothing lost")
+        table = Table(title=f"moepress eval: {self.model}", caption=f"{legend}. {settings}")
+        table.add_column("metric")
+        table.add_column("compressed" if self.baseline is not None else "value", justify="right")
+        if self.baseline is not None:
+            table.add_column(f"original ({Path(self.baseline.model).name})", justify="right")
             table.add_column("retained %", justify="right")
-        retained = self.retained
-        for name, value in self.metrics.items():
-            arrow = " ↓" if lower_is_better(name) else ""
+        metrics = dict(self.metrics)
+        base = dict(self.baseline.metrics) if self.baseline is not None else {}
+        if sum(name.startswith("ppl/") for name in metrics) > 1:
+            metrics["ppl/geo-mean"] = geometric_mean(v for k, v in self.metrics.items() if k.startswith("ppl/"))
+            if base:
+                base["ppl/geo-mean"] = geometric_mean(v for k, v in base.items() if k.startswith("ppl/"))
+        for name, value in metrics.items():
+            arrow = " ↓" if lower_is_better(name) else (" ↑" if not name.startswith(("params/", "speed/")) else "")
             row = [name + arrow, _fmt(value)]
             if self.baseline is not None:
-                row += [_fmt(self.baseline.metrics.get(name)),
-                        f"{retained[name]:.1f}" if name in retained else "–"]
+                kept = retained_percent(name, value, base.get(name)) if not name.startswith("params/") else None
+                row += [_fmt(base.get(name)), "–" if kept is None else f"{kept:.1f}"]
             table.add_row(*row)
         return table
 
@@ -93,6 +104,14 @@ class EvalReport:
         console = Console(width=120, record=True, file=io.StringIO())
         console.print(self.table())
         return console.export_text()
+
+
+def geometric_mean(values) -> float | None:
+    """exp(mean(log v)) of the positive values (perplexities of several texts: no text dominates)."""
+    import math
+
+    logs = [math.log(v) for v in values if v is not None and v > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else None
 
 
 def _fmt(value) -> str:

@@ -8,11 +8,13 @@ from .base import (
     MethodConfig,
     available_methods,
     build_method,
+    coerce_option,
+    describe_options,
     get_method,
     register_method,
 )
 
 __all__ = [
     "ConfigError", "LayerContext", "LayerResult", "Method", "MethodConfig",
-    "available_methods", "build_method", "get_method", "register_method",
+    "available_methods", "build_method", "coerce_option", "describe_options", "get_method", "register_method",
 ]

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,9 +23,10 @@ from torch import nn
 
 from ..arch import MoELayerView
 from ..calib.stats import LayerStatistics
+from ..checks import InputError, check_ratio
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A method option out of range or inconsistent; the message says what is allowed."""
 
 
@@ -37,14 +39,14 @@ class MethodConfig:
     experts: number of routed experts to keep per layer (merging/pruning; replaces `ratio`).
     """
 
-    ratio: float | None = field(default=None, metadata={"help": "fraction of routed-expert parameters removed (0-1)"})
+    ratio: float | None = field(default=None, metadata={"help": "fraction of routed-expert parameters removed, in (0, 1)"})
     experts: int | None = field(default=None, metadata={"help": "routed experts kept per layer (replaces --ratio)"})
 
     def __post_init__(self):
-        if self.ratio is not None and not 0.0 <= float(self.ratio) < 1.0:
-            raise ConfigError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.experts is not None and int(self.experts) < 1:
-            raise ConfigError(f"--experts must be >= 1, got {self.experts}")
+        try:
+            check_ratio(self.ratio, self.experts)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
 
     def kept_experts(self, num_experts: int, top_k: int = 1) -> int:
         """Experts kept per layer for merging/pruning: `experts`, else round(N * (1 - ratio))."""
@@ -105,6 +107,8 @@ class Method:
     # propagation of hidden states are needed (the pipeline only visits the MoE layers).
     needs_calibration: ClassVar[bool] = True
     requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
+    # What the user should do with the output before using it, shown after `compress` ({path} = output).
+    next_step: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -162,4 +166,54 @@ def build_method(name: str, **options) -> Method:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"method {name!r} has no option(s) {unknown}; options: {sorted(known)}")
-    return cls(cls.config_class(**options))
+    typed = {key: coerce_option(cls.config_class, key, value) for key, value in options.items()}
+    try:
+        return cls(cls.config_class(**typed))
+    except (TypeError, ArithmeticError) as exc:  # a check in __post_init__ met a value it cannot compare
+        raise ConfigError(f"method {name!r}: inconsistent options {typed}: {exc}") from None
+
+
+def _option_types(config_class: type[MethodConfig]) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def type_name(hint: Any) -> str:
+    """`float`, `int or none`, ... as a user reads it in `moepress methods NAME` and in errors."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and type(None) in typing.get_args(hint):
+        return " or ".join(type_name(a) for a in args) + " or none"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_option(config_class: type[MethodConfig], name: str, value: Any) -> Any:
+    """`value` as the type the config field `name` declares; a `ConfigError` naming that type if it is
+    not one (an int is accepted for a float, "none"/null for an optional field; never a silent cast)."""
+    hint = _option_types(config_class).get(name)
+    if hint is None:
+        return value
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in allowed:
+            return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"option {name} expects {type_name(hint)}, got {value!r}")
+
+
+def describe_options(cls: type[Method]) -> list[dict[str, str]]:
+    """Each config option of method `cls` with its type, default and help (field metadata)."""
+    types = _option_types(cls.config_class)
+    rows = []
+    for f in dataclasses.fields(cls.config_class):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append({"name": f.name, "type": type_name(types[f.name]), "default": repr(default),
+                     "help": f.metadata.get("help", "")})
+    return rows

@@ -20,6 +20,8 @@ class CompressedExperts(Method):
     export = "custom"
     needs = ()
     needs_calibration = False
+    next_step = ("the compressed vectors start at one (plain top-k_main routing): learn them with "
+                 "`moepress finetune {path}` before judging quality")
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view = ctx.view
