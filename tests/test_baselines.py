@@ -171,7 +171,9 @@ def _first_layer(model, *, x=None, **options):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_i2_full_rank_without_pruning_reproduces_the_layer(family):
-    view, result, x = _first_layer(tiny_model(family), ratio=0.0, rank=10**6)
+    # Nothing pruned (expert_share 0: stage 1 takes no share) and a fixed rank above full rank, which
+    # overrides the ratio's stage-2 budget (ratio 0 itself is refused as a no-op).
+    view, result, x = _first_layer(tiny_model(family), ratio=0.2, expert_share=0.0, rank=10**6)
     block = result.block
     assert result.record["kept"] == list(range(view.num_experts))
     for p in ("gate", "up", "down"):

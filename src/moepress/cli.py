@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,9 @@ def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
         if "=" not in item:
             raise checks.InputError(f"--opt expects NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if re.fullmatch(r"\s*\d+:\d+\s*", value):  # YAML 1.1 would read "2:4" as the base-60 number 124
+            out[key.strip().replace("-", "_")] = value.strip()
+            continue
         try:
             out[key.strip().replace("-", "_")] = yaml.safe_load(value)
         except yaml.YAMLError:
