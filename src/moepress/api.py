@@ -60,12 +60,13 @@ class CompressionResult:
         `out` defaults to the location given to `compress(out=...)`.
         In a data-parallel run rank 0 writes and the other ranks wait for it (all return the path).
         """
-        target = self._output(out, overwrite)
-        path = target.path
         if distributed.is_main_process():
+            target = self._output(out, overwrite)
             path = save_checkpoint(self.model, target, method_name=self.method.name, export=self.method.export,
                                    record=self.record, tokenizer=self.tokenizer, source=self.source,
                                    store=self.store, timed_stage="save")
+        else:  # only rank 0 checks and writes: checking here would race with its writing
+            path = Path(out).expanduser().resolve() if out is not None else self._output(None, overwrite).path
         distributed.barrier()
         if self.store is not None:
             self.store.close()  # the layer shards now live in the checkpoint
