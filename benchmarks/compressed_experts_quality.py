@@ -30,7 +30,7 @@ import torch
 import transformers
 
 from moepress.arch import moe_layer_views, parameter_counts, set_moe_block
-from moepress.finetune import FinetuneConfig, finetune
+from moepress.methods.compressed_experts.finetune import FinetuneConfig, finetune
 from moepress.modeling.moepress_compressed import CompressedExpertsBlock
 
 

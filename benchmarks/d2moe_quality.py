@@ -39,7 +39,8 @@ def evaluate(model, tokenizer, args) -> dict:
 
 def run(method: str, path, args, **kwargs) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    result = moepress.compress(str(path), method, samples=args.samples, seq_len=args.seq_len, seed=0, **kwargs)
+    result = moepress.compress(str(path), method, samples=args.samples, seq_len=args.seq_len, seed=0,
+                               offload=False, **kwargs)  # evaluated in memory below
     seconds = time.perf_counter() - t0
     return evaluate(result.model, result.tokenizer, args), seconds
 

@@ -57,7 +57,7 @@ def run(method: str, path, kept: int, args, options: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = moepress.compress(str(path), method.split("+")[0], experts=kept, samples=args.samples,
-                                   seq_len=args.seq_len, seed=0, **options)
+                                   seq_len=args.seq_len, seed=0, offload=False, **options)  # evaluated in memory
     seconds = time.perf_counter() - t0
     errors = [r["calib_rel_error"] for r in result.records.values() if "calib_rel_error" in r]
     res = evaluate(result.model, result.tokenizer, args)

@@ -64,3 +64,21 @@ def test_layerwise_propagation_reproduces_the_full_forward(family, tokenizer, ca
         ours = model.model.norm(torch.cat(hidden))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert "forward" not in decoder_layers(model)[0].__dict__  # recorders removed
+
+
+def test_layer_routing_is_computed_once_whatever_reads_it(tokenizer, calib_file):
+    """Statistics and fits share one router pass per batch (the cached "routing" statistic)."""
+    from moepress.arch import moe_layer_views
+    from moepress.calib import LayerStatistics
+
+    view = moe_layer_views(tiny_model("mixtral"))[0]
+    batches = [torch.randn(7, view.hidden_size), torch.randn(5, view.hidden_size)]
+    calls = []
+    route = view.route
+    view.route = lambda x: calls.append(x.shape[0]) or route(x)
+    stats = LayerStatistics(view, batches)
+    frequency, weights = stats["frequency"], stats["routing_weight_sum"]
+    again = [r.index for _, r in stats.routed()] + [r.index for _, r in stats.routed()]
+    assert calls == [7, 5]
+    assert frequency.sum() == 12 * view.top_k and weights.sum() > 0
+    assert torch.equal(again[0], route(batches[0]).index) and torch.equal(again[2], again[0])

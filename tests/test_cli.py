@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 import transformers
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from moepress.arch import moe_layer_views
+from moepress.calib import build_calibration
 from moepress.cli import app
+from moepress.methods import available_methods
 
 runner = CliRunner()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_compress_writes_a_stock_checkpoint_and_record(tiny_checkpoint, calib_file, tmp_path):
@@ -47,8 +54,30 @@ def test_bad_input_gets_a_clear_message_and_exit_code_2(tiny_checkpoint, calib_f
 def test_methods_lists_the_registry():
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0
-    for name in ("frequency", "reap", "naee"):
-        assert name in res.output
+    rows = {}  # name -> output kind, from the table's first line of each method
+    for line in res.output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 3 and cells[0]:
+            rows[cells[0]] = cells[1]
+    assert rows == {name: cls.export for name, cls in available_methods().items()}
+
+
+def _routed_shares(path, input_ids) -> dict[int, torch.Tensor]:
+    """Each MoE layer's share of top-k slots per expert, from its router during a plain forward."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    counts = {}
+
+    def count(index, num_experts):
+        def hook(module, args, output):
+            counts[index] = torch.bincount(output[2].flatten(), minlength=num_experts).double()
+        return hook
+
+    hooks = [v.router.register_forward_hook(count(v.layer_index, v.num_experts)) for v in moe_layer_views(model)]
+    with torch.no_grad():
+        model(input_ids)
+    for h in hooks:
+        h.remove()
+    return {i: c / c.sum() for i, c in counts.items()}
 
 
 def test_inspect_prints_usage_and_writes_json_and_plot(tiny_checkpoint, calib_file, tmp_path):
@@ -57,10 +86,15 @@ def test_inspect_prints_usage_and_writes_json_and_plot(tiny_checkpoint, calib_fi
                               "--json", str(tmp_path / "u.json"), "--plot", str(tmp_path / "plots")])
     assert res.exit_code == 0, res.output
     usage = json.loads((tmp_path / "u.json").read_text())
-    assert set(usage["layers"]) == {"0", "1"}
-    for layer in usage["layers"].values():
-        assert abs(sum(layer["usage"]) - 1.0) < 1e-3 and 0 < layer["normalized_entropy"] <= 1
-    assert (tmp_path / "plots" / "expert_usage.png").stat().st_size > 1000
+    expected = _routed_shares(src, build_calibration(AutoTokenizer.from_pretrained(src), calib_file, samples=4,
+                                                     seq_len=32).input_ids)
+    assert set(usage["layers"]) == {str(i) for i in expected} == {"0", "1"}
+    for index, shares in expected.items():
+        layer = usage["layers"][str(index)]
+        assert layer["usage"] == pytest.approx(shares.tolist(), abs=1e-5)  # rounded to 5 decimals
+        entropy = -(shares[shares > 0] * shares[shares > 0].log()).sum() / math.log(len(shares))
+        assert layer["normalized_entropy"] == pytest.approx(float(entropy), abs=1e-4)
+    assert (tmp_path / "plots" / "expert_usage.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_bench_grid_writes_table_json_and_plot(tiny_checkpoint, calib_file, tmp_path):
@@ -76,4 +110,51 @@ def test_bench_grid_writes_table_json_and_plot(tiny_checkpoint, calib_file, tmp_
         ("original", 0.0), ("frequency", 0.25), ("frequency", 0.5), ("reap", 0.25), ("reap", 0.5)]
     assert rows[2]["routed_params"] * 2 == rows[0]["routed_params"]
     assert "| reap | 0.50 |" in (tmp_path / "rep" / "bench.md").read_text()
-    assert (tmp_path / "rep" / "bench.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_finetune_learns_the_vectors_of_a_compressed_experts_checkpoint(tiny_checkpoint, calib_file, tmp_path):
+    import moepress
+
+    ce = tmp_path / "ce"
+    res = runner.invoke(app, ["compress", str(tiny_checkpoint("olmoe")), "-m", "compressed_experts", "--ratio", "0.5",
+                              "--out", str(ce), "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ce-ft"
+    res = runner.invoke(app, ["finetune", str(ce), "--data", str(calib_file), "--steps", "3", "--batch-size", "2",
+                              "--seq-len", "32", "--samples", "8", "--lr", "0.05", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "moepress.json").read_text())
+    assert record["method"] == "compressed_experts" and record["finetune"]["steps"] == 3
+    assert len(record["finetune"]["losses"]) == 3 and record["finetune"]["config"]["train"] == "vectors"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    tuned, original = moepress.load(out), moepress.load(ce)
+    for (name, a), (_, b) in zip(tuned.named_parameters(), original.named_parameters()):
+        assert torch.equal(a, b) != ("ce_" in name), name  # only the vectors moved
+    res = runner.invoke(app, ["finetune", str(tiny_checkpoint("olmoe")), "--data", str(calib_file), "--steps", "1",
+                              "--seq-len", "32", "--samples", "4", "--out", str(tmp_path / "x"), "--quiet"])
+    assert res.exit_code == 2 and "no compressed-expert vectors" in res.output
+
+
+def test_eval_reports_perplexity_and_parameters(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("qwen2_moe")
+    text = tmp_path / "heldout.txt"
+    text.write_text(calib_file.read_text()[:5000])
+    res = runner.invoke(app, ["eval", str(src), "--ppl", str(text), "--seq-len", "32",
+                              "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    assert report["metrics"]["params/total"] == sum(p.numel() for p in model.parameters())
+    assert 1.0 < report["metrics"]["ppl/heldout.txt"] < 2 * 512  # a random 512-token model: near uniform
+    res = runner.invoke(app, ["eval", str(src), "--ppl", "no-such-text"])
+    assert res.exit_code == 2 and "neither a file nor a built-in text" in res.output
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "moepress", "methods"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "compressed_experts" in done.stdout

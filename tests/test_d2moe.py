@@ -217,19 +217,37 @@ def test_channel_rounding_to_multiples_of_64():
 
 
 # ---------------------------------------------------------------------------- method behaviour
+def _relative_output_error(view, block, x):
+    with torch.no_grad():
+        ref = view.forward(x)
+        return ((_block_out(block, x) - ref).norm() / ref.norm()).item()
+
+
 def test_ratio_sets_stored_parameters_and_pruning_is_recorded():
     model = tiny_model("mixtral")
     view, result, x = _compress_first_layer(model, ratio=0.4, base_prune=0.2, base="mean", prepare=False)
     rec = result.record
-    assert rec["achieved_ratio"] >= 0.4 and rec["achieved_ratio"] < 0.5
     assert rec["static_pruned"] == 8 and rec["dynamic_pruned"] == 11 and rec["channel_multiple"] == 8  # 19 = round(0.2 * 96)
     assert result.block.intermediate == view.intermediate_size - 8
+    # Stored routed parameters, counted by hand: the statically pruned base (gate, up, down: 3 x H x kept)
+    # + for each of 8 experts and 3 projections a rank-r pair U, V of r x (H + kept).
+    h, kept, rank = view.hidden_size, rec["intermediate_kept"], rec["ranks"]["gate"]
+    before = 8 * 3 * h * view.intermediate_size
+    stored_at = lambda r: 3 * h * kept + 8 * 3 * r * (h + kept)  # noqa: E731
+    assert kept == 88 and rec["ranks"] == {"gate": rank, "up": rank, "down": rank}
+    assert rec["routed_parameters_before"] == before
+    assert rec["routed_parameters_after"] == stored_at(rank)
+    assert stored_at(rank) <= (1 - 0.4) * before < stored_at(rank + 1)  # the largest rank within the budget
+    assert rec["achieved_ratio"] == pytest.approx(1 - stored_at(rank) / before)
     stored, active, experts = result.block.moepress_parameter_counts()
     assert stored == rec["routed_parameters_after"] and experts == 8 and active < stored
-    with torch.no_grad():
-        ref, out = view.forward(x), _block_out(result.block, x)
-    rel = ((out - ref).norm() / ref.norm()).item()
-    assert 0 < rel < 0.9
+    # Same pruning, more delta rank -> closer to the original layer; the base alone is worst.
+    errors = {"ratio 0.4": _relative_output_error(view, result.block, x)}
+    for name, options in (("ratio 0.2", {"ratio": 0.2}), ("base alone", {"rank": 0})):
+        other_view, other, _ = _compress_first_layer(tiny_model("mixtral"), base_prune=0.2, base="mean",
+                                                     prepare=False, **options)
+        errors[name] = _relative_output_error(other_view, other.block, x)
+    assert errors["ratio 0.2"] < errors["ratio 0.4"] < errors["base alone"], errors
 
 
 def test_dynamic_pruning_removes_the_lowest_scoring_channels_of_the_batch():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moepress.eval import EvalReport, evaluate
-from moepress.eval.local_tasks import build_items, score_items
+from moepress.eval.local_tasks import build_items, continuation_logprobs, score_items
 from moepress.eval.perplexity import encode_text, perplexity, scoring_windows, unigram_perplexity
 from moepress.zoo import builtin_domains, builtin_text, builtin_texts
 
@@ -72,6 +72,19 @@ def test_unigram_perplexity():
     assert math.isclose(unigram_perplexity([7] * 10), 1.0)
 
 
+def _choice_logprobs_by_hand(model, tok, item, max_len):
+    """Each choice scored alone (no padding): the summed log-probability of its tokens after the
+    query's last `max_len - len(choice)` tokens."""
+    scores = []
+    for choice in item["choices"]:
+        cont = tok(choice, add_special_tokens=False)["input_ids"][: max_len - 1]
+        ctx = tok(item["query"], add_special_tokens=False)["input_ids"][-(max_len - len(cont)):]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+        scores.append(sum(logp[len(ctx) - 1 + t, c].item() for t, c in enumerate(cont)))
+    return scores
+
+
 def test_local_tasks_are_deterministic_and_scored(tiny):
     model, tok, _ = tiny
     texts = builtin_texts()
@@ -81,8 +94,15 @@ def test_local_tasks_are_deterministic_and_scored(tiny):
     assert all(i["choices"][i["label"]] not in i["choices"][:i["label"]] for i in items)
     domain_items = build_items("domain_mc", texts, per_domain=2)
     assert {i["domain"] for i in domain_items} == set(texts)
-    result = score_items(model, tok, items[:6], max_len=64)
-    assert result["n"] == 6 and 0.0 <= result["acc"] <= 1.0
+    # 128 tokens: shorter than a query + continuation (~250 tokens), so contexts are truncated;
+    # batches of 4 sequences of different lengths are padded.
+    by_hand = [_choice_logprobs_by_hand(model, tok, item, 128) for item in items[:6]]
+    pairs = [(item["query"], choice) for item in items[:6] for choice in item["choices"]]
+    batched = continuation_logprobs(model, tok, pairs, max_len=128, batch_size=4)
+    assert batched == pytest.approx(sum(by_hand, []), rel=1e-4)
+    result = score_items(model, tok, items[:6], max_len=128, batch_size=4)
+    hits = [max(range(4), key=scores.__getitem__) == item["label"] for scores, item in zip(by_hand, items)]
+    assert result["n"] == 6 and result["acc"] == sum(hits) / 6
     with pytest.raises(ValueError, match="built-in"):
         build_items("hellaswag", texts)
 
@@ -106,10 +126,26 @@ def test_evaluate_report_and_baseline(tiny, tmp_path):
         evaluate(model, tok, ppl=["no-such-file.txt"])
 
 
+def test_speed_is_tokens_over_the_best_run(tiny, monkeypatch):
+    """With a scripted clock: prefill runs take 3, 2, 5 s and decode runs 4, 1, 8 s."""
+    from types import SimpleNamespace
+
+    from moepress.eval import measure
+
+    ticks = iter([0, 3, 10, 12, 20, 25, 30, 34, 40, 41, 50, 58])
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    model, tok, _ = tiny
+    speed = measure.throughput(model, len(tok), prompt_len=16, batch_size=2, new_tokens=4, repeats=3)
+    assert speed["prefill_tok_s"] == 2 * 16 / 2 and speed["decode_tok_s"] == 2 * 4 / 1
+    assert next(ticks, None) is None  # every run was timed, nothing else
+
+
 def test_speed_measurement(tiny):
     model, tok, _ = tiny
     report = evaluate(model, tok, speed=True, seq_len=32)
-    assert report.metrics["speed/prefill_tok_s"] > 0 and report.metrics["speed/decode_tok_s"] > 0
+    assert report.details["speed"]["prompt_len"] == 32
+    # one forward over 32 prompt tokens beats 32 single-token decode forwards, on any machine
+    assert report.metrics["speed/prefill_tok_s"] > report.metrics["speed/decode_tok_s"] > 0
 
 
 def test_lm_eval_local_task_offline(tiny, tmp_path, monkeypatch):
@@ -119,5 +155,7 @@ def test_lm_eval_local_task_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEPRESS_CACHE", str(tmp_path / "cache"))
     model, tok, _ = tiny
     report = evaluate(model, tok, tasks=["moepress_next_chunk"], lm_eval_limit=8)
-    acc = report.metrics["lm_eval:moepress_next_chunk/acc"]
-    assert 0.0 <= acc <= 1.0
+    # lm-eval scores the first 8 items of the local next_chunk task (per_domain=16, seed 0) the same way
+    items = build_items("next_chunk", builtin_texts(), per_domain=16)[:8]
+    local = score_items(model, tok, items, max_len=4096)
+    assert report.metrics["lm_eval:moepress_next_chunk/acc"] == local["acc"]

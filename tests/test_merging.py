@@ -12,8 +12,8 @@ import moepress
 from moepress.arch import SUPPORTED as FAMILIES
 from moepress.arch import moe_layer_views, set_moe_block, tiny_model
 from moepress.calib.stats import LayerStatistics
-from moepress.methods import LayerContext, build_method
-from moepress.methods.merging_common import average_experts, build_remap_block, expert_tensors
+from moepress.methods import LayerContext, available_methods, build_method
+from moepress.methods.merging_common import MergingMethod, average_experts, build_remap_block, expert_tensors
 from moepress.methods.mergemoe.method import down_projection_equations
 from moepress.modeling.moepress_remap import RemappedMoeBlock
 from moepress.ops.alignment import match_neurons, neuron_features, permute_expert
@@ -21,7 +21,8 @@ from moepress.ops.clustering import centre_grouping, groups_of, hierarchical_gro
 from moepress.ops.least_squares import NormalEquations, RankDeficientWarning, solve_normal_equations
 from moepress.ops.merging import frequency_weights
 
-MERGERS = ("average", "msmoe", "hcsmoe", "zipit", "mergemoe")
+# every registered method that merges experts
+MERGERS = tuple(n for n, cls in available_methods().items() if issubclass(cls, MergingMethod))
 
 
 def _out(block, x):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,9 +13,12 @@ import moepress
 from moepress.arch import SUPPORTED as FAMILIES
 from moepress.arch import moe_layer_views, tiny_model
 from moepress.calib import LayerStatistics
+from moepress.methods import available_methods
+from moepress.methods.pruning import PruningMethod
 from moepress.ops.saliency import naee_search
 
-PRUNERS = ("frequency", "reap", "naee")
+# every registered method that prunes whole experts
+PRUNERS = tuple(n for n, cls in available_methods().items() if issubclass(cls, PruningMethod))
 
 
 def _ids(seed=1):
@@ -69,13 +73,18 @@ def _make_experts_unreachable(model, dead=(6, 7), scale=2.0):
                 t[list(dead)] = -50.0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# DeepSeek-V2 never renormalises its routing weights (test below), so pruning changes its outputs.
+RENORMALISABLE = [f for f in FAMILIES if f != "deepseek_v2"]
+
+
+@pytest.mark.parametrize("family", RENORMALISABLE)
 def test_pruning_unreached_experts_keeps_outputs(family, tokenizer, calib_file):
     """Exact for routers that renormalise over the selected experts. Routers that weight by the
     softmax over *all* experts (Qwen2/OLMoE without norm_topk_prob, DeepSeek-V2) lose the pruned
     experts' probability mass from the denominator, so their outputs legitimately change: for
-    Qwen2/OLMoE we test with norm_topk_prob=True, for DeepSeek-V2 only which experts are kept.
-    DeepSeek-V3's group-limited routing groups experts by position, so it is tested with one group."""
+    Qwen2/OLMoE we test with norm_topk_prob=True; DeepSeek-V2 has no such option and its exact
+    rescaling is tested separately. DeepSeek-V3's group-limited routing groups experts by
+    position, so it is tested with one group."""
     renorm = {"norm_topk_prob": True} if family in ("qwen2_moe", "olmoe") else {}
     if family == "deepseek_v3":  # with n_group > 1, pruning re-forms the contiguous expert groups
         renorm = {"n_group": 1, "topk_group": 1}
@@ -89,11 +98,42 @@ def test_pruning_unreached_experts_keeps_outputs(family, tokenizer, calib_file):
                                tokenizer=tokenizer)
     assert all(r["kept"] == [0, 1, 2, 3, 4, 5] for r in result.records.values())
     assert all(r["scores"][6:] == [0.0, 0.0] for r in result.records.values())
-    if family == "deepseek_v2":
-        return
     with torch.no_grad():
         after = result.model(calib.input_ids).logits
     assert (after - before).abs().max().item() <= 1e-5
+
+
+def _dense_weights(routing, num_experts):
+    """`[T, E]` routing weights, zero where an expert is not selected (order of top-k irrelevant)."""
+    return torch.zeros(routing.index.shape[0], num_experts).scatter(1, routing.index, routing.weights)
+
+
+def test_pruning_unreached_experts_rescales_deepseek_v2_routing(tokenizer, calib_file):
+    """DeepSeek-V2 (transformers' DeepseekV2TopkRouter, topk_method="greedy") weights a selected
+    expert j by `s * p_j`, p = softmax over *all* E experts, never renormalised. Pruning experts
+    that are never selected keeps every selection, but removes their mass from the softmax's
+    denominator: each kept weight becomes `s * p_j / Σ_{i kept} p_i`. That relation is exact and
+    asserted at every MoE layer; the model's outputs then change, and we assert that they do."""
+    model = tiny_model("deepseek_v2")
+    _make_experts_unreachable(model, scale=0.1)  # small logits: the unselected experts keep real mass
+    original = copy.deepcopy(model)
+    calib = moepress.calib.build_calibration(tokenizer, calib_file, samples=4, seq_len=32)
+    result = moepress.compress(model, "frequency", experts=6, calib=calib_file, samples=4, seq_len=32,
+                               tokenizer=tokenizer)
+    kept = [0, 1, 2, 3, 4, 5]
+    assert all(r["kept"] == kept for r in result.records.values())
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for old, new in zip(moe_layer_views(original), moe_layer_views(result.model), strict=True):
+            a, b = old.route(x), new.route(x)
+            dense_a = _dense_weights(a, 8)
+            assert not dense_a[:, 6:].any()  # the pruned experts were never selected
+            kept_mass = a.logits.softmax(-1)[:, kept].sum(-1, keepdim=True)
+            assert (kept_mass < 0.9).any()  # ... yet hold probability mass the softmax loses
+            torch.testing.assert_close(_dense_weights(b, 6), dense_a[:, kept] / kept_mass)
+        before = original(calib.input_ids).logits
+        after = result.model(calib.input_ids).logits
+    assert (after - before).abs().max().item() > 1e-3
 
 
 def test_reap_matches_brute_force_and_ignores_batching():
@@ -154,7 +194,7 @@ def test_offloaded_run_equals_in_memory_run(family, tiny_checkpoint, calib_file,
     """Bounded-memory streaming (layers read from either disk layout) gives the same checkpoint."""
     src = tiny_checkpoint(family)
     kwargs = dict(calib=calib_file, samples=4, seq_len=32)
-    in_memory = moepress.compress(src, "reap", 0.5, **kwargs)
+    in_memory = moepress.compress(src, "reap", 0.5, offload=False, **kwargs)
     streamed = moepress.compress(src, "reap", 0.5, offload=tmp_path / "work", **kwargs)
     assert streamed.record["offload"] and next(streamed.model.model.layers.parameters()).is_meta
     assert streamed.records[max(streamed.records)]["kept"] == in_memory.records[max(in_memory.records)]["kept"]
@@ -171,7 +211,7 @@ def test_offloaded_custom_block_export_reloads(method, tiny_checkpoint, calib_fi
     """Custom blocks (auto_map) also stream: layer shards + config.moepress reload to the same logits."""
     src = tiny_checkpoint("qwen2_moe")
     kwargs = dict(calib=calib_file, samples=4, seq_len=32)
-    in_memory = moepress.compress(src, method, 0.5, **kwargs)
+    in_memory = moepress.compress(src, method, 0.5, offload=False, **kwargs)
     out = moepress.compress(src, method, 0.5, offload=tmp_path / "work", **kwargs).save(tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["auto_map"]
     with torch.no_grad():
@@ -187,7 +227,7 @@ class _Killed(Exception):
 def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpoint, calib_file, tmp_path):
     src = tiny_checkpoint("mixtral")
     kwargs = dict(calib=calib_file, samples=4, seq_len=32, offload=tmp_path / "work")
-    reference = moepress.compress(src, method, 0.5, calib=calib_file, samples=4, seq_len=32)
+    reference = moepress.compress(src, method, 0.5, calib=calib_file, samples=4, seq_len=32, offload=False)
 
     def kill_after_first_layer(done, total, text):
         if done == 1:

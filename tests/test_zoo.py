@@ -126,8 +126,7 @@ def test_committed_mixtral_ref_beats_unigram(monkeypatch, tmp_path):
     from moepress.eval.perplexity import perplexity
 
     asset = zoo.ASSETS_DIR / "mixtral-ref"
-    if not (asset / "model.safetensors").exists():
-        pytest.skip("mixtral-ref asset not committed yet (moepress zoo train mixtral-ref)")
+    assert (asset / "model.safetensors").exists(), "the committed mixtral-ref asset is missing (moepress zoo train mixtral-ref)"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert (asset / "model.safetensors").stat().st_size <= 10 * 1024 * 1024

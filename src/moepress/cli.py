@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .zoo.cli import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Mixture-of-Experts LLMs and measure what it cost.")
@@ -33,24 +34,6 @@ def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def layer_progress(quiet: bool, description: str = "compressing"):
-    """A rich progress bar fed by the pipeline's `progress(done, total, text)` callback."""
-    if quiet:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
-                  TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done, total, text):
-            bar.update(task, completed=done, total=total, description=f"{description} {text}")
-
-        yield update
-
-
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(code=2)
@@ -72,29 +55,22 @@ def compress(
     recipe: Optional[Path] = typer.Option(None, help="YAML file of method options"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
     offload: Optional[bool] = typer.Option(
-        None, help="read layers from disk one at a time (bounded memory); default: on, unless the method "
-        "needs the whole model resident"),
+        None, "--offload/--no-offload", help="read layers from disk one at a time (bounded memory; resumable "
+        "from .OUT.work); default: on for a model directory, unless the method needs the whole model resident"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
-    import shutil
-
     import moepress
-    from moepress.export import check_output_dir
-    from moepress.methods import get_method
+    from moepress.progress import layer_progress
 
-    work = out.expanduser().resolve().parent / f".{out.name}.work"
     try:
         options = _parse_opts(opt, recipe)
-        check_output_dir(out, model, overwrite)
-        if offload is None:
-            offload = Path(model).is_dir() and not get_method(method).requires_resident_model
         with layer_progress(quiet) as progress:
             result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
                                        seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
-                                       offload=work if offload else False, **options)
-        path = result.save(out, overwrite=overwrite)
-        shutil.rmtree(work, ignore_errors=True)
+                                       offload="auto" if offload is None else offload, out=out,
+                                       overwrite=overwrite, **options)
+        path = result.save()
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(exc)
     before, after = result.record["parameters"]["before"], result.record["parameters"]["after"]
@@ -160,21 +136,103 @@ def demo(
     run_demo(out=out, method=method, ratio=ratio, quiet=quiet)
 
 
-def _register_subsystems() -> None:
-    """Sub-commands that live beside their subsystems (eval, zoo, finetune, bench)."""
-    from moepress.bench import bench_command
-    from moepress.eval.cli import eval_command
-    from moepress.finetune import finetune_command
-    from moepress.zoo.cli import zoo_app
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="model directory (or hub id when online)"),
+    ppl: Optional[list[str]] = typer.Option(
+        None, "--ppl", help="perplexity texts: files or built-ins (heldout:linux, linux, calib); repeatable or "
+        "comma list"),
+    tasks: str = typer.Option("", "--tasks", help="comma list: next_chunk (local_mc), domain_mc, or lm-eval tasks"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="model to compare against (retained %)"),
+    seq_len: int = typer.Option(256, "--seq-len", help="window length in tokens for perplexity"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="window stride (default: seq-len)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    speed: bool = typer.Option(False, "--speed/--no-speed", help="also measure prefill/decode tokens/s"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval items per task (quick runs)"),
+):
+    """Perplexity, multiple-choice tasks, parameter counts and speed of MODEL (and --baseline)."""
+    import moepress
 
-    app.command("eval")(eval_command)
-    app.add_typer(zoo_app, name="zoo", help="built-in corpus and trained reference MoE models")
-    app.command("finetune")(finetune_command)
-    app.command("bench")(bench_command)
+    try:
+        report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
+                                   batch_size=batch_size, speed=speed, baseline=baseline,
+                                   lm_eval_limit=int(limit) if limit and limit >= 1 else limit,
+                                   log=lambda message: console.log(message))
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    Console().print(report.table())
+    if json_path is not None:
+        Console().print(f"report: {report.save_json(json_path)}")
 
 
+@app.command()
+def finetune(
+    checkpoint: Path = typer.Argument(..., help="moepress output (or any supported model) to fine-tune"),
+    data: Optional[Path] = typer.Option(None, help="text: file, folder, jsonl or saved dataset (default: built-in)"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: CHECKPOINT-finetuned)"),
+    train: str = typer.Option("vectors", help="vectors | all | model (all but the vectors)"),
+    distill: bool = typer.Option(False, "--distill", help="KL to the original top-k model's logits"),
+    steps: int = typer.Option(200),
+    batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(256),
+    samples: int = typer.Option(4096, help="packed training sequences drawn from --data"),
+    lr: Optional[float] = typer.Option(None, help="peak lr (default 1e-2 vectors, 3e-4 otherwise)"),
+    save_every: int = typer.Option(0, help="checkpoint every N steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT.state/latest"),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Fine-tune a compressed model (Compressed Experts vectors, or everything) on packed text."""
+    from moepress.api import finetune_checkpoint
+    from moepress.methods.compressed_experts.finetune import FinetuneConfig
+
+    try:
+        config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, train=train, distill=distill,
+                                save_every=save_every, seed=seed)
+        path = finetune_checkpoint(checkpoint, data, out or checkpoint.with_name(checkpoint.name + "-finetuned"),
+                                   config, samples=samples, seq_len=seq_len, resume=resume, progress=not quiet,
+                                   overwrite=overwrite or resume)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="model directory"),
+    methods: str = typer.Option("reap,mergemoe", help="comma-separated registry names"),
+    ratios: str = typer.Option("0.25,0.5", help="comma-separated ratios"),
+    out: Path = typer.Option(Path("report"), help="folder for bench.json, bench.md, bench.png"),
+    calib: Optional[str] = typer.Option(None, help="calibration source (default: built-in text)"),
+    samples: int = typer.Option(64),
+    seq_len: int = typer.Option(256),
+    ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
+    tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
+):
+    """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
+    from moepress.bench import run_grid, write_report
+
+    try:
+        rows = run_grid(model, [m.strip() for m in methods.split(",") if m.strip()],
+                        [float(r) for r in ratios.split(",") if r.strip()], out, calib=calib, samples=samples,
+                        seq_len=seq_len, ppl=ppl.split(",") if ppl else None,
+                        tasks=[t for t in tasks.split(",") if t.strip()], log=console.print)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+    md, png = write_report(rows, out)
+    table = Table(title=f"moepress bench: {model}")
+    for col in ("method", "ratio", "ppl", "acc", "routed params"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['ratio']:.2f}", f"{r['ppl']:.3f}", f"{r['acc']:.3f}", f"{r['routed_params']:,}")
+    Console().print(table)
+    Console().print(f"report: {md}, {png}")
+
+
+app.add_typer(zoo_app, name="zoo", help="built-in corpus and trained reference MoE models")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_register_subsystems()
 
 if __name__ == "__main__":
     app()

@@ -24,19 +24,19 @@ def _reference_model() -> tuple[str, bool]:
 
 def run_demo(out: Path = Path("out/demo"), method: str = "reap", ratio: float = 0.5, quiet: bool = False,
              samples: int = 64, seq_len: int = 256) -> dict:
-    import moepress
-    from .cli import layer_progress
+    from .api import compress
     from .eval import evaluate
+    from .progress import layer_progress
+    from .resources import builtin_domains
 
     t0 = time.perf_counter()
     model_path, _ = _reference_model()
     console.print(f"[bold]moepress demo[/]: {method} at ratio {ratio} on the trained reference model {model_path}")
     with layer_progress(quiet, f"{method}") as progress:
-        result = moepress.compress(model_path, method, ratio, samples=samples, seq_len=seq_len, progress=progress)
-    path = result.save(out, overwrite=True)
+        result = compress(model_path, method, ratio, samples=samples, seq_len=seq_len, progress=progress,
+                          out=out, overwrite=True)
+    path = result.save()
     console.print("evaluating the original and the compressed model on held-out text ...")
-    from .zoo import builtin_domains
-
     report = evaluate(str(path), baseline=model_path, seq_len=seq_len, ppl=builtin_domains(),
                       tasks=["next_chunk", "domain_mc"], speed=True, mc_per_domain=16)
     console.print(report.table())

@@ -2,40 +2,48 @@
 
 Output is written into a temporary sibling directory and renamed into place at the end, so an
 interrupted save never leaves a half-written checkpoint under the requested name, and the source
-model directory is never written to.
+model directory is never written to. The `moepress.json` record is written once, inside that
+temporary directory, so a checkpoint never exists without its record.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
-from importlib import metadata
+import time
 from pathlib import Path
+from typing import NamedTuple
 
+from safetensors.torch import save_file
 from torch import nn
 
 from .arch import decoder_layers, family_of
 from .modeling import MODELING_DIR, MODELING_FILES
-
-RECORD_NAME = "moepress.json"
-_VERSIONED = ("moepress", "torch", "transformers", "safetensors", "accelerate", "numpy", "scipy")
+from .record import stage_figures, write_record
 
 
 class ExportError(ValueError):
     """The output location is unusable (e.g. it is the source model); the message says why."""
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+class OutputDir(NamedTuple):
+    """An output location that `check_output_dir` accepted (resolved path, overwrite allowed)."""
+
+    path: Path
+    overwrite: bool
+
+
+def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool) -> OutputDir:
+    """Refuse to write over the source model, and over an existing directory unless `overwrite`."""
+    out = Path(out).expanduser().resolve()
+    if source is not None and Path(str(source)).expanduser().exists():
+        if out == Path(str(source)).expanduser().resolve():
+            raise ExportError(f"output {out} is the source model; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    return OutputDir(out, bool(overwrite))
 
 
 def custom_layers(model: nn.Module) -> dict[str, dict]:
@@ -57,54 +65,84 @@ def _prepare_custom_config(model: nn.Module, method_name: str) -> None:
     model.config.architectures = [class_name_for(spec.model_type)]
 
 
-def check_output_dir(out: Path, source: str | Path | None, overwrite: bool) -> None:
-    """Refuse to write over the source model, and over an existing directory unless `overwrite`."""
-    out = Path(out).expanduser().resolve()
-    if source is not None and Path(str(source)).expanduser().exists():
-        if out == Path(str(source)).expanduser().resolve():
-            raise ExportError(f"output {out} is the source model; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def save_checkpoint(model: nn.Module, out: str | Path, *, method_name: str, export: str, record: dict,
+def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_name: str, export: str, record: dict,
                     tokenizer=None, source: str | Path | None = None, overwrite: bool = False,
-                    store=None) -> Path:
+                    store=None, timed_stage: str | None = None) -> Path:
     """Write `model` (+ tokenizer, modeling code when custom, moepress.json) to `out` atomically.
 
-    `store`: the `StreamingLayers` of a bounded-memory run, whose finished layer shards are moved
-    in (the model's layers are then on the meta device); None = `save_pretrained`.
+    Args:
+        out: a directory, checked here against `source`/`overwrite`, or an `OutputDir` checked
+            before the work began (then `overwrite` is the one given to that check).
+        store: the `StreamingLayers` of a bounded-memory run, whose finished layer shards are moved
+            in (the model's layers are then on the meta device); None = `save_pretrained`.
+        timed_stage: when given, this save's seconds and peak memory, measured up to just before the
+            record is written, go into `record["stages"][timed_stage]`.
+    Returns: the checkpoint directory.
     """
-    out = Path(out).expanduser().resolve()
-    check_output_dir(out, source, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    started = time.perf_counter()
+    target = out if isinstance(out, OutputDir) else check_output_dir(out, source, overwrite)
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.path.name}.partial-", dir=target.path.parent))
     try:
-        if export == "custom":
-            _prepare_custom_config(model, method_name)
-            for name in MODELING_FILES:
-                shutil.copy2(MODELING_DIR / name, tmp / name)
-        if store is not None:
-            from .streaming import write_streamed_checkpoint
-
-            write_streamed_checkpoint(model, store, tmp)
-        elif export == "custom":
-            # Fused keys: the custom blocks' tensors are not in transformers' per-expert conversion table.
-            model.save_pretrained(tmp, save_original_format=False)
-        else:
-            model.save_pretrained(tmp)
+        _write_model(model, tmp, method_name, export, store)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if timed_stage is not None:
+            record.setdefault("stages", {})[timed_stage] = stage_figures(started)
+        write_record(tmp, record)
+        _replace(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return target.path
 
 
-def read_record(path: str | Path) -> dict | None:
-    p = Path(path) / RECORD_NAME
-    return json.loads(p.read_text()) if p.exists() else None
+def _write_model(model: nn.Module, tmp: Path, method_name: str, export: str, store) -> None:
+    if export == "custom":
+        _prepare_custom_config(model, method_name)
+        for name in MODELING_FILES:
+            shutil.copy2(MODELING_DIR / name, tmp / name)
+    if store is not None:
+        write_streamed_checkpoint(model, store, tmp)
+    elif export == "custom":
+        # Fused keys: the custom blocks' tensors are not in transformers' per-expert conversion table.
+        model.save_pretrained(tmp, save_original_format=False)
+    else:
+        model.save_pretrained(tmp)
+
+
+def _replace(target: OutputDir, tmp: Path) -> None:
+    """Rename `tmp` to the output; an old output goes only when overwriting was allowed."""
+    if target.path.exists():
+        if target.overwrite:
+            shutil.rmtree(target.path)
+        elif any(target.path.iterdir()):
+            raise ExportError(f"output {target.path} was filled by something else during the run; "
+                              f"pass --overwrite to replace it")
+        else:
+            target.path.rmdir()
+    os.replace(tmp, target.path)
+
+
+def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
+    """The checkpoint of a bounded-memory run: the store's finished layer shards, moved into `tmp`,
+    plus one shard with everything else (embeddings, final norm, head), the index and the config."""
+    from .layer_store import LAYER_PREFIX
+
+    rest = {}
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(LAYER_PREFIX) or tensor.is_meta:
+            continue
+        if tensor.data_ptr() in seen:  # tied weights are stored once (transformers re-ties on load)
+            continue
+        seen.add(tensor.data_ptr())
+        rest[name] = tensor.contiguous()
+    save_file(rest, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "model-rest.safetensors" for k in rest}
+    weight_map.update(store.hand_over(tmp))
+    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)

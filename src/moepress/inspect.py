@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .api import _load_tokenizer, load
 from .calib import build_calibration
+from .loading import load_pretrained
 from .methods import LayerContext, LayerResult, Method, MethodConfig
 from .pipeline import compress_layers
 
@@ -17,6 +17,7 @@ class _RecordUsage(Method):
 
     name = "inspect"
     summary = "record expert usage"
+    needs = ("frequency", "routing_weight_sum")
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         freq = ctx.stats["frequency"]
@@ -30,8 +31,7 @@ class _RecordUsage(Method):
 
 def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, tokenizer=None) -> dict:
     """`{"layers": {index: {"usage": [E shares], "mean_weight": [...], "normalized_entropy": x}}}`."""
-    model_obj = load(model) if isinstance(model, (str, Path)) else model
-    tok = _load_tokenizer(model, tokenizer)
+    model_obj, tok = load_pretrained(model, tokenizer=tokenizer)
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
     records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration)
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,

@@ -8,7 +8,7 @@ through the original model instead — ALGORITHMS.md §6 asks us to record which
 `propagation: "compressed"` in moepress.json).
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
-inputs + the method's accumulators, independent of depth when a streaming `LayerStore` is used.
+inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from .calib import CalibrationSet, LayerStatistics
+from .layer_store import InMemoryLayers
 from .methods import LayerContext, Method
 
 
@@ -109,57 +110,38 @@ def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden,
     return captured
 
 
-class InMemoryLayers:
-    """Layer store for a model that is fully resident: onload/offload only move devices."""
-
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None):
-        self.model = model
-        self.device = device
-
-    def onload(self, index: int) -> nn.Module:
-        layer = decoder_layers(self.model)[index]
-        return layer.to(self.device) if self.device is not None else layer
-
-    def offload(self, index: int, record: dict | None = None) -> None:
-        if self.device is not None:
-            decoder_layers(self.model)[index].to("cpu")
-
-
-def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet, *,
+def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
                     batch_size: int = 8, store=None, progress: Callable | None = None) -> dict[int, dict]:
     """Run `method` over every MoE layer of `model`; returns `{layer index: record}`.
 
+    A method with `needs_calibration=False` gets no statistics: no hidden states are captured or
+    propagated (`calibration` may be None) and each MoE layer is only onloaded, compressed and
+    offloaded.
+
     Args:
-        store: a layer store with `onload(i) -> layer` / `offload(i)`; default `InMemoryLayers`.
+        store: a layer store (`layer_store.InMemoryLayers`, the default, or `StreamingLayers`)
+            with `onload(i) -> layer`, `finished(i) -> record | None` and `offload(i, record)`.
         progress: optional callback `progress(done, total, description)`.
     """
-    if store is not None and getattr(method, "requires_resident_model", False):
-        raise ValueError(f"method {method.name!r} needs the whole model in memory (e.g. for gradients); "
-                         f"run it without offload")
     store = store or InMemoryLayers(model)
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
-    hidden, kwargs = capture_layer_inputs(model, calibration, batch_size)
+    propagate = method.needs_calibration
+    if propagate and calibration is None:
+        raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
+    hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
     method.prepare(model, calibration)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()
         layer = store.onload(i)
-        finished = store.finished(i) if hasattr(store, "finished") else None
+        finished = store.finished(i)
         if finished is not None:  # resumed: this layer was compressed by an interrupted run
             records[i] = {**finished, "resumed": True}
         elif i in moe:
-            view = layer_view(model, i)
-            stats = LayerStatistics(view, collect_block_inputs(layer, view.block, i, hidden, kwargs))
-            for name in method.needs:  # declared statistics: computed once here, cached for the method
-                stats[name]
-            ctx = LayerContext(view, stats, moe.index(i), len(moe), model)
-            result = method.compress_layer(ctx)
-            if result.block is not None:
-                set_moe_block(model, i, result.block)
-            records[i] = {**result.record, "tokens": stats.num_tokens}
-            del stats, ctx, view
-        hidden = run_layer(layer, i, hidden, kwargs)
+            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs)
+        if propagate:
+            hidden = run_layer(layer, i, hidden, kwargs)
         if i in records and finished is None:
             records[i]["seconds"] = round(time.perf_counter() - t0, 3)
         store.offload(i, records.get(i))
@@ -167,3 +149,19 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
     method.finalize(model, records)
     return records
+
+
+def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, index: int, moe: list[int],
+                        hidden: list[torch.Tensor], kwargs: dict) -> dict:
+    """Statistics the method declared (each computed once), its decision, the block installed.
+
+    The layer's MoE inputs and statistics are freed on return, before the layer propagates."""
+    view = layer_view(model, index)
+    inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs) if hidden else []
+    stats = LayerStatistics(view, inputs)
+    for name in method.needs:
+        stats[name]
+    result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model))
+    if result.block is not None:
+        set_moe_block(model, index, result.block)
+    return {**result.record, "tokens": stats.num_tokens}

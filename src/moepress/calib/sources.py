@@ -62,13 +62,13 @@ def _read_saved_dataset(path: Path, field: str) -> list[str]:
 
 
 def load_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
-    """Documents from `source` (None = the built-in calibration text of the zoo).
+    """Documents from `source` (None = the shipped multi-domain calibration text).
 
     Accepts a .txt/.md/.rst/.py file (one document), a .jsonl/.json file (`text_field` per row),
     a folder (every such file inside, sorted), or a folder written by `datasets.save_to_disk`.
     """
     if source is None:
-        from ..zoo import builtin_text  # the shipped multi-domain calibration text
+        from ..resources import builtin_text  # the shipped multi-domain calibration text
 
         return [builtin_text("calib")]
     path = Path(source).expanduser()

@@ -6,7 +6,7 @@ among them) and computes named statistics on demand, each once, streaming over t
 fp32/fp64 accumulators. Statistics are sums over tokens, so batching never changes them and a
 data-parallel run would all-reduce them.
 
-A method package registers extra statistics with `@statistic("name")`.
+A method package registers its own statistics with `@statistic("name")` (e.g. `methods/reap/stats.py`).
 """
 
 from __future__ import annotations
@@ -55,10 +55,21 @@ class LayerStatistics:
         return self._cache[name]
 
     def routed(self) -> Iterator[tuple[torch.Tensor, Routing]]:
-        """Yield `(x [t,H], routing)` per batch, routed with the model's own router."""
-        with torch.no_grad():
-            for x in self.batches:
-                yield x, self.view.route(x)
+        """Yield `(x [t,H], routing)` per batch, routed with the model's own router.
+
+        The routing is the cached statistic "routing": every statistic and fit of this layer
+        reads the same router outputs, computed once."""
+        yield from zip(self.batches, self["routing"])
+
+
+@statistic("routing")
+def layer_routing(stats: LayerStatistics) -> list[Routing]:
+    """The model's own routing of every batch (one router pass per layer, however many readers).
+
+    Memory per batch of `t` tokens: logits and scores `[t, E]`, weights and index `[t, k]`.
+    """
+    with torch.no_grad():
+        return [stats.view.route(x) for x in stats.batches]
 
 
 @statistic("frequency")
@@ -77,33 +88,3 @@ def routing_weight_sum(stats: LayerStatistics) -> torch.Tensor:
     for _, r in stats.routed():
         total.index_add_(0, r.index.flatten().cpu(), r.weights.flatten().double().cpu())
     return total
-
-
-def reap_sums(stats: LayerStatistics, renormalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream `Σ_x g_j(x)·||E_j(x)||_2` and routed-token counts per expert (REAP, ALGORITHMS.md §4.4).
-
-    `renormalize`: None = the model's own routing weights; True/False = router scores gathered at
-    the top-k, renormalised over it or not (REAP's `renormalize_router_weights`).
-    """
-    from ..ops.saliency import reap_batch_sums, routed_gate_values
-
-    view, e = stats.view, stats.view.num_experts
-    sums, counts = torch.zeros(e, dtype=torch.float64), torch.zeros(e, dtype=torch.float64)
-    for x, r in stats.routed():
-        gates = r.weights if renormalize is None else routed_gate_values(r.scores, r.index, renormalize)
-        norms = torch.zeros(r.index.shape, dtype=torch.float64)
-        for j in r.index.unique().tolist():
-            tok, slot = (r.index == j).nonzero(as_tuple=True)
-            norms[tok, slot] = view.expert(j, x[tok]).double().norm(dim=-1).cpu()
-        s, c = reap_batch_sums(gates, r.index, norms, e)
-        sums += s
-        counts += c
-    return sums, counts
-
-
-@statistic("reap")
-def reap_scores(stats: LayerStatistics) -> torch.Tensor:
-    """`[E]` REAP saliency with the model's own routing weights."""
-    from ..ops.saliency import reap_saliency
-
-    return reap_saliency(*reap_sums(stats))

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .harness import evaluate, load_model
+from .harness import evaluate
 from .report import EvalReport
 
-__all__ = ["evaluate", "load_model", "EvalReport"]
+__all__ = ["evaluate", "EvalReport"]

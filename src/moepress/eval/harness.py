@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -10,27 +9,15 @@ from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
 from .report import EvalReport
 
 
-def load_model(model, tokenizer=None):
-    """``(model, tokenizer, name)`` from a model object or a path (``trust_remote_code=True``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _open(model, tokenizer):
+    """`(model, tokenizer, name)` through the one loader; the tokenizer gets a pad token (EOS) for batching."""
+    from ..loading import load_pretrained
 
     if isinstance(model, (str, Path)):
-        path = str(model)
-        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"model {path!r} is not a local directory and the hub is offline")
-        name = path
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        name = str(model)
     else:
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        if tokenizer is None:
-            source = getattr(model.config, "_name_or_path", "")
-            if not source:
-                raise ValueError("evaluate(model_object) needs tokenizer= when the model has no source path")
-            tokenizer = AutoTokenizer.from_pretrained(source)
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    model, tokenizer = load_pretrained(model, tokenizer=tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -39,7 +26,7 @@ def load_model(model, tokenizer=None):
 
 def _resolve_text(entry: str) -> tuple[str, str]:
     """A ``--ppl`` entry: a text file, ``heldout:<domain>`` or a bare domain name -> (label, text)."""
-    from ..zoo import builtin_domains, builtin_text
+    from ..resources import builtin_domains, builtin_text
 
     path = Path(entry).expanduser()
     if path.is_file():
@@ -64,7 +51,7 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
     """Evaluate a causal LM the same way for every method.
 
     Args:
-        model: a model object or a local path (loaded with ``trust_remote_code=True``).
+        model: a model object or a model directory / hub id (loaded with ``moepress.load``).
         tokenizer: tokenizer object or path; defaults to the model's directory.
         ppl: text files or built-in names (``"heldout:linux"``, ``"linux"``, ``"calib"``);
             perplexity over windows of ``seq_len`` tokens moved by ``stride`` (default ``seq_len``).
@@ -80,11 +67,12 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
     """
     log = log or (lambda message: None)
-    model, tokenizer, name = load_model(model, tokenizer)
+    model, tokenizer, name = _open(model, tokenizer)
     stride = stride or seq_len
     report = EvalReport(model=name, settings={"seq_len": seq_len, "stride": stride, "batch_size": batch_size})
 
-    from .measure import parameter_counts, throughput
+    from ..arch import parameter_counts
+    from .measure import throughput
     from .perplexity import perplexity
 
     for key, value in parameter_counts(model).items():
@@ -105,7 +93,7 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
     local = [t for t in task_names if ALIASES.get(t, t) in LOCAL_TASKS]
     remote = [t for t in task_names if t not in local]
     if local:
-        from ..zoo import builtin_texts
+        from ..resources import builtin_texts
 
         texts = builtin_texts()
         for task in local:

@@ -74,8 +74,7 @@ def _offline_env() -> None:
 
 def write_builtin_tasks(folder: Path | None = None, per_domain: int = 16, seed: int = 0) -> Path:
     """Write the built-in lm-eval task YAMLs and their jsonl data; returns the include path."""
-    from ..zoo import builtin_texts
-    from ..zoo.paths import cache_dir
+    from ..resources import builtin_texts, cache_dir
     from .local_tasks import build_items
 
     texts = builtin_texts()

@@ -1,44 +1,10 @@
-"""Parameter counts and prefill/decode throughput."""
+"""Prefill/decode throughput (parameter counts are `moepress.arch.parameter_counts`)."""
 
 from __future__ import annotations
 
 import time
 
 import torch
-
-
-def parameter_counts(model) -> dict:
-    """``{"total", "routed_experts", "active_per_token", ...}`` from ``moepress.arch`` when available.
-
-    Without it (or for a model it does not know) only ``total`` is exact; the expert counts
-    fall back to the fused 3-D expert tensors (``*.experts.*``, dim 0 = expert) and the
-    config's top-k.
-    """
-    try:
-        from ..arch import parameter_counts as arch_counts  # written alongside; optional here
-    except ImportError:
-        arch_counts = None
-    if arch_counts is not None:
-        try:
-            return dict(arch_counts(model))
-        except Exception:  # an architecture arch does not cover: fall back to the plain count
-            pass
-    total = sum(p.numel() for p in model.parameters())
-    routed = 0
-    active_routed = 0.0
-    config = getattr(model, "config", None)
-    top_k = getattr(config, "num_experts_per_tok", None)
-    for name, param in model.named_parameters():
-        if ".experts." in name and param.dim() == 3:
-            routed += param.numel()
-            if top_k:
-                active_routed += param.numel() * top_k / param.shape[0]
-    return {
-        "total": int(total),
-        "routed_experts": int(routed),
-        "active_per_token": int(total - routed + active_routed),
-        "source": "fallback count (moepress.arch.parameter_counts unavailable)",
-    }
 
 
 @torch.no_grad()

@@ -3,11 +3,18 @@
 A method is a class with a typed config dataclass. The pipeline calls, in order:
 `prepare(model, calibration)` once (model-level statistics such as Fisher), then for every MoE
 layer `compress_layer(ctx)` with the layer's calibration inputs, then `finalize(model)` once.
+
+The registry is peft-like: each package under `methods/` ends with one `register_method(...)`
+line, and `available_methods()` imports every package found there, so adding a method touches
+no list anywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -94,6 +101,9 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     export: ClassVar[str] = "stock"
     needs: ClassVar[tuple[str, ...]] = ()  # statistics the pipeline computes (once) before compress_layer
+    # False for a method that reads no statistics: then no calibration text, no tokenizer and no
+    # propagation of hidden states are needed (the pipeline only visits the MoE layers).
+    needs_calibration: ClassVar[bool] = True
     requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
 
     def __init__(self, config: MethodConfig):
@@ -116,13 +126,25 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Add a method class to the registry under `cls.name` (one line at the end of each package)."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} registered twice")
+    if cls.needs and not cls.needs_calibration:
+        raise ValueError(f"method {cls.name!r} declares statistics {cls.needs} but needs_calibration=False; "
+                         f"statistics are computed on calibration tokens")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def available_methods() -> dict[str, type[Method]]:
-    from . import _load_all  # noqa: F401  (imports every method package once)
+@functools.cache
+def _import_method_packages() -> None:
+    """Import every package under `methods/` once; each registers its method on import."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.ispkg:
+            importlib.import_module(f"{__package__}.{module.name}")
 
+
+def available_methods() -> dict[str, type[Method]]:
+    """`{name: method class}` of every registered method, sorted by name."""
+    _import_method_packages()
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from .corpus import DOMAINS, TRAIN_DOMAINS, read_split
+from ..resources import TEXTS_DIR
 from .paths import ASSETS_DIR
 
-TEXTS_DIR = ASSETS_DIR / "texts"
 DOC_SEPARATOR = "\n\n"
 
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..resources import cache_dir  # noqa: F401  (the one cache location; zoo modules import it from here)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 #: Bumped whenever the corpus cleaning or split rule changes, so stale caches are not reused.
 CORPUS_VERSION = "v1"
-
-
-def cache_dir() -> Path:
-    """The moepress cache: ``$MOEPRESS_CACHE`` if set, else ``~/.cache/moepress``."""
-    root = os.environ.get("MOEPRESS_CACHE")
-    path = Path(root).expanduser() if root else Path.home() / ".cache" / "moepress"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def corpus_dir() -> Path:

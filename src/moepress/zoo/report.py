@@ -14,15 +14,14 @@ def reference_report(path: str | Path, seq_len: int = 256, mc_per_domain: int = 
     "next_chunk"}``. The unigram baseline is fitted on each evaluated text itself (an oracle
     no unigram model can beat), so ``ppl < unigram_ppl`` shows the model uses context.
     """
-    from transformers import AutoTokenizer
-
-    from ..eval import evaluate, load_model
+    from ..eval import evaluate
     from ..eval.perplexity import encode_text
+    from ..loading import load_pretrained
     from . import builtin_domains, builtin_texts
     from .routing import domain_expert_usage, specialisation_report
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, tokenizer, _ = load_model(str(path), AutoTokenizer.from_pretrained(str(path)))
+    model, tokenizer = load_pretrained(str(path))
     domains = builtin_domains()
     report = evaluate(model, tokenizer, ppl=[f"heldout:{d}" for d in domains], tasks=["next_chunk", "domain_mc"],
                       seq_len=seq_len, mc_per_domain=mc_per_domain)

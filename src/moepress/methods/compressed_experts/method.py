@@ -1,8 +1,9 @@
 """Compressed Experts (He et al. 2025): fewer activated experts per token + learned vectors.
 
-Nothing is fitted here: every MoE block is wrapped in a `CompressedExpertsBlock` whose vectors
-start at one (= top-`k_main` routing). The vectors are learned afterwards with
-`moepress finetune` (moepress/finetune.py); the paper trains them with full SFT (§3.1).
+Nothing is fitted here, so no calibration text, tokenizer or statistic is needed
+(`needs_calibration = False`): every MoE block is wrapped in a `CompressedExpertsBlock` whose
+vectors start at one (= top-`k_main` routing). The vectors are learned afterwards with
+`moepress finetune` (`finetune.py` beside this file); the paper trains them with full SFT (§3.1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class CompressedExperts(Method):
     config_class = CompressedExpertsConfig
     export = "custom"
     needs = ()
+    needs_calibration = False
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view = ctx.view

@@ -8,6 +8,7 @@ for every expert j over the tokens routed to j (its top-k contains j):
   (what down sees).
 
 Memory: `E·(H² + I²)` float64 values per layer (Mixtral-8x7B: ≈13 GiB, dominated by I = 14336).
+How many tokens each expert saw is the shared "frequency" statistic, counted once per layer.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from ...calib.stats import LayerStatistics, statistic
 
 @statistic("expert_gram")
 def expert_gram(stats: LayerStatistics) -> dict[str, torch.Tensor]:
-    """`{"input": [E,H,H], "intermediate": [E,I,I], "tokens": [E]}` float64, on CPU."""
+    """`{"input": [E,H,H], "intermediate": [E,I,I]}` float64, on CPU."""
     view = stats.view
     e, h, i = view.num_experts, view.hidden_size, view.intermediate_size
     gram_in = torch.zeros(e, h, h, dtype=torch.float64)
     gram_mid = torch.zeros(e, i, i, dtype=torch.float64)
-    tokens = torch.zeros(e, dtype=torch.float64)
     for x, routing in stats.routed():
         routed_to = routing.index
         for j in torch.unique(routed_to).tolist():
@@ -35,5 +35,4 @@ def expert_gram(stats: LayerStatistics) -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 hj = view.intermediate(j, xj).double()
             gram_mid[j] += (hj.T @ hj).cpu()
-            tokens[j] += rows.numel()
-    return {"input": gram_in, "intermediate": gram_mid, "tokens": tokens}
+    return {"input": gram_in, "intermediate": gram_mid}

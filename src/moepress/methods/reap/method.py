@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import torch
 
-from ...calib.stats import reap_sums
 from ...ops.saliency import reap_saliency
 from ..base import LayerContext
 from ..pruning import PruningMethod
 from .config import ReapConfig
+from .stats import reap_sums  # also registers the "reap" statistic
 
 
 class ReapPruning(PruningMethod):

@@ -1,10 +1,13 @@
-"""Bounded-memory compression: decoder layers live on disk and are onloaded one at a time.
+"""Layer stores of the pipeline: where decoder layers live between their turns.
 
-The model is built on the meta device; embeddings, final norm and head are loaded; then the
-pipeline onloads layer i from the source checkpoint (either on-disk layout), compresses it, runs
-it, writes the finished layer to its own safetensors shard in a work directory and sends it
+`InMemoryLayers`: the model is resident; onload/offload only move devices.
+
+`StreamingLayers` (bounded-memory compression): the model is built on the meta device;
+embeddings, final norm and head are loaded; then the pipeline onloads layer i from the source
+checkpoint (either on-disk layout), compresses it, runs it, writes the finished layer to its own safetensors shard in a work directory and sends it
 back to meta. Peak memory is therefore one decoder layer + the calibration hidden states +
 accumulators + the embeddings/head, whatever the depth (benchmarks/memory_depth.py measures it).
+Saving hands the finished shards over to the checkpoint writer (`export.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ def _non_layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+class InMemoryLayers:
+    """Layer store for a model that is fully resident: onload/offload only move devices."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None):
+        self.model = model
+        self.device = device
+
+    def onload(self, index: int) -> nn.Module:
+        layer = decoder_layers(self.model)[index]
+        return layer.to(self.device) if self.device is not None else layer
+
+    def finished(self, index: int) -> dict | None:
+        """Never: a resident run keeps no record of earlier runs."""
+        return None
+
+    def offload(self, index: int, record: dict | None = None) -> None:
+        if self.device is not None:
+            decoder_layers(self.model)[index].to("cpu")
+
+
 class StreamingLayers:
     """Layer store over a source checkpoint; finished layers go to `work_dir` as one shard each.
 
@@ -56,9 +79,11 @@ class StreamingLayers:
     again, and only propagates the calibration states through them.
     """
 
-    def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, work_dir: Path):
+    def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, work_dir: Path,
+                 owns_work_dir: bool = False):
         self.model, self.reader, self.dtype = model, reader, dtype
         self.work_dir = Path(work_dir)
+        self.owns_work_dir = owns_work_dir  # a directory we created is removed once handed over
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.shards: dict[str, str] = {}
         self.run_key: str | None = None
@@ -150,6 +175,23 @@ class StreamingLayers:
         tmp.replace(self.work_dir / PROGRESS)  # atomic: a kill never leaves a torn progress file
 
 
+    def hand_over(self, directory: Path) -> dict[str, str]:
+        """Move the finished layer shards into checkpoint `directory`; returns `{tensor key: file}`.
+
+        The run is complete afterwards: its resume record goes, and so does a work directory this
+        store created itself."""
+        for fname in sorted(set(self.shards.values())):
+            shutil.move(str(self.work_dir / fname), Path(directory) / fname)
+        (self.work_dir / PROGRESS).unlink(missing_ok=True)
+        if self.owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        return dict(self.shards)
+
+    def close(self) -> None:
+        """Unmap the source checkpoint."""
+        self.reader.close()
+
+
 def release_freed_memory() -> None:
     """Return freed heap pages to the OS. glibc raises its mmap threshold after large frees, so
     later layer-sized tensors come from the heap and freed ones stay in RSS; trimming after each
@@ -161,14 +203,16 @@ def release_freed_memory() -> None:
         pass
 
 
-def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.float32):
-    """(model with layers on meta and everything else loaded, its `StreamingLayers` store)."""
+def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.float32, owns_work_dir: bool = False):
+    """(model with layers on meta and everything else loaded, its `StreamingLayers` store).
+
+    `owns_work_dir`: the caller created `work_dir` for this run only; it is removed at `hand_over`."""
     config = transformers.AutoConfig.from_pretrained(str(path))
     spec = family_of(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    store = StreamingLayers(model, CheckpointReader(path, spec), dtype, work_dir)
+    store = StreamingLayers(model, CheckpointReader(path, spec), dtype, work_dir, owns_work_dir)
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in _non_layer_modules(model):
         if tied and module is model.get_output_embeddings():
@@ -186,27 +230,3 @@ def _rebuild_rotary(model: nn.Module, name: str, module: nn.Module, config) -> N
     """Rotary embeddings keep non-persistent buffers computed at init: rebuild on CPU."""
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
-
-
-def write_streamed_checkpoint(model: nn.Module, store: StreamingLayers, tmp: Path) -> None:
-    """Move the finished layer shards into `tmp`, add the rest, and write the index + config."""
-    rest = {}
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(LAYER_PREFIX) or tensor.is_meta:
-            continue
-        if tensor.data_ptr() in seen:  # tied weights are stored once (transformers re-ties on load)
-            continue
-        seen.add(tensor.data_ptr())
-        rest[name] = tensor.contiguous()
-    save_file(rest, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
-    weight_map = {k: "model-rest.safetensors" for k in rest}
-    for fname in sorted(set(store.shards.values())):
-        shutil.move(str(store.work_dir / fname), tmp / fname)
-    (store.work_dir / PROGRESS).unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    weight_map.update(store.shards)
-    index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)

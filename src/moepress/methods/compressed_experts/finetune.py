@@ -15,6 +15,9 @@ text, AdamW, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs). Here, on pa
 Step counts, not epochs; AdamW with linear warmup then cosine decay to zero. Checkpoints
 (`save_every`) hold the trainable tensors, the optimizer, the step, the loss history and every
 RNG state, so `resume=True` continues bit-for-bit where a killed run stopped.
+
+Loading a checkpoint, training and saving the result is `moepress.api.finetune_checkpoint`
+(`moepress finetune` on the command line).
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
 
 import torch
-import typer
 import torch.nn.functional as F
 from torch import nn
 
-VECTOR_NAMES = ("ce_input", "ce_intermediate")
+from ...modeling.moepress_compressed import CompressedExpertsBlock
+from ...progress import step_progress
+
 TRAIN_CHOICES = ("vectors", "all", "model")
 
 
@@ -78,25 +81,29 @@ class FinetuneResult:
     trainable_parameters: int
 
 
-def is_vector(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in VECTOR_NAMES
-
-
 def compressed_blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if getattr(m, "kind", None) == "compressed_experts"]
+    """The Compressed Experts blocks of `model`, recognised by their `kind` (so blocks loaded from a
+    checkpoint's own auto_map code count too, though their class is another object)."""
+    return [m for m in model.modules() if getattr(m, "kind", None) == CompressedExpertsBlock.kind]
+
+
+def compressed_vectors(model: nn.Module) -> list[nn.Parameter]:
+    """Every block's learned vectors (`ce_input`, `ce_intermediate`), taken from the blocks themselves."""
+    return [p for block in compressed_blocks(model) for p in (block.ce_input, block.ce_intermediate)]
 
 
 def select_trainable(model: nn.Module, train: str) -> dict[str, nn.Parameter]:
     """Set `requires_grad` by `train` and return `{name: parameter}` of what trains."""
-    names = [n for n, _ in model.named_parameters() if is_vector(n)]
-    if train == "vectors" and not names:
+    vectors = {id(p) for p in compressed_vectors(model)}
+    if train == "vectors" and not vectors:
         raise FinetuneError(
             "this model has no compressed-expert vectors; compress it with --method compressed_experts "
             "first, or fine-tune everything with --train all"
         )
     chosen = {}
     for name, p in model.named_parameters():
-        keep = {"vectors": is_vector(name), "all": True, "model": not is_vector(name)}[train]
+        is_vector = id(p) in vectors
+        keep = {"vectors": is_vector, "all": True, "model": not is_vector}[train]
         p.requires_grad_(keep)
         if keep:
             chosen[name] = p
@@ -184,9 +191,10 @@ def _restore(state, trainable, optimizer, generator) -> None:
 
 
 # ----------------------------------------------------------------------------------------- loop
-def _optimizer(trainable: dict[str, nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in trainable.items() if not is_vector(n) and p.dim() >= 2]
-    rest = [p for n, p in trainable.items() if is_vector(n) or p.dim() < 2]
+def _optimizer(model: nn.Module, trainable: dict[str, nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    vectors = {id(p) for p in compressed_vectors(model)}
+    decay = [p for p in trainable.values() if id(p) not in vectors and p.dim() >= 2]
+    rest = [p for p in trainable.values() if id(p) in vectors or p.dim() < 2]
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": rest, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, 0.95))
@@ -208,7 +216,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
     generator = torch.Generator().manual_seed(config.seed)
     trainable = select_trainable(model, config.train)
     teacher = make_teacher(model, config.train) if config.distill else None
-    optimizer = _optimizer(trainable, config)
+    optimizer = _optimizer(model, trainable, config)
     step, losses = 0, []
     if resume:
         state = load_state(state_dir) if state_dir is not None else None
@@ -218,7 +226,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
         step, losses = state["step"], list(state["losses"])
     t0 = time.perf_counter()
     model.train()
-    with _progress_bar(progress, config.steps, step) as advance:
+    with step_progress(progress, config.steps, step) as advance:
         while step < config.steps:
             for group in optimizer.param_groups:
                 group["lr"] = config.peak_lr * lr_factor(step, config.steps, config.warmup_ratio)
@@ -237,29 +245,6 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
     model.eval()
     n_train = sum(p.numel() for p in trainable.values())
     return FinetuneResult(losses, step, time.perf_counter() - t0, n_train)
-
-
-class _progress_bar:
-    """A rich progress bar with the running loss (a no-op when `enabled` is False)."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda loss: None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("finetune"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        self.bar.start()
-        task = self.bar.add_task("finetune", total=self.total, completed=self.done, loss="-")
-        return lambda loss: self.bar.update(task, advance=1, loss=f"{loss:.4f}")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
 
 
 def plot_losses(losses: list[float], path: str | Path, title: str = "fine-tuning loss") -> Path:
@@ -287,65 +272,5 @@ def finetune_record(config: FinetuneConfig, result: FinetuneResult, data: str) -
             "losses": [round(x, 5) for x in result.losses]}
 
 
-# ------------------------------------------------------------------------------ checkpoint + CLI
-def finetune_checkpoint(checkpoint: str | Path, data: str | Path | None, out: str | Path, config: FinetuneConfig, *,
-                        samples: int = 4096, seq_len: int = 256, resume: bool = False, progress: bool = True,
-                        overwrite: bool = False) -> Path:
-    """Load a moepress result, fine-tune it on packed text from `data`, save a loadable checkpoint.
-
-    Checkpoints go to `<out>.state/` (beside the output, which is replaced atomically at the end);
-    the output holds the model (same custom export as `compress`), its tokenizer, moepress.json
-    (the source record plus a "finetune" entry) and `loss.png`.
-    """
-    import transformers
-
-    from .api import load
-    from .calib import build_calibration
-    from .export import read_record, save_checkpoint
-
-    out = Path(out).expanduser()
-    model = load(checkpoint)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-    ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
-    result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
-                      progress=progress)
-    record = read_record(checkpoint) or {"source_model": str(checkpoint)}
-    record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
-    custom = bool(compressed_blocks(model)) or any(getattr(m, "is_moepress_block", False) for m in model.modules())
-    save_checkpoint(model, out, method_name=record.get("method", "finetune"), export="custom" if custom else "stock",
-                    record=record, tokenizer=tokenizer, source=checkpoint, overwrite=overwrite)
-    plot_losses(result.losses, out / "loss.png")
-    return out
-
-
-def finetune_command(
-    checkpoint: Annotated[Path, typer.Argument(help="moepress output (or any supported model) to fine-tune")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="text: file, folder, jsonl or saved dataset (default: built-in)")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="output directory (default: CHECKPOINT-finetuned)")] = None,
-    train: Annotated[str, typer.Option("--train", help="vectors | all | model (all but the vectors)")] = "vectors",
-    distill: Annotated[bool, typer.Option("--distill", help="KL to the original top-k model's logits")] = False,
-    steps: Annotated[int, typer.Option("--steps")] = 200,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
-    samples: Annotated[int, typer.Option("--samples", help="packed training sequences drawn from --data")] = 4096,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="peak lr (default 1e-2 vectors, 3e-4 otherwise)")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", help="checkpoint every N steps")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT.state/latest")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
-) -> None:
-    """Fine-tune a compressed model (Compressed Experts vectors, or everything) on packed text."""
-    try:
-        config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, train=train, distill=distill,
-                                save_every=save_every, seed=seed)
-        target = out or checkpoint.with_name(checkpoint.name + "-finetuned")
-        path = finetune_checkpoint(checkpoint, data, target, config, samples=samples, seq_len=seq_len,
-                                   resume=resume, progress=not quiet, overwrite=overwrite or resume)
-    except FinetuneError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    typer.echo(f"saved {path} (loss curve {path / 'loss.png'})")
-
-
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "finetune_checkpoint",
-           "finetune_command", "plot_losses"]
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "finetune_record", "lr_factor",
+           "make_teacher", "plot_losses", "select_trainable"]
