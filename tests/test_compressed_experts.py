@@ -10,7 +10,7 @@ from moepress.arch import moe_layer_views, parameter_counts, set_moe_block, tiny
 from moepress.arch import SUPPORTED as FAMILIES
 from moepress.calib.stats import LayerStatistics
 from moepress.methods.compressed_experts.finetune import (
-    FinetuneConfig, FinetuneError, finetune, lr_factor, make_teacher, plot_losses,
+    FinetuneConfig, FinetuneError, batch_rows, finetune, lr_factor, make_teacher, plot_losses,
 )
 from moepress.methods import ConfigError, LayerContext, build_method
 from moepress.modeling.moepress_compressed import CompressedExpertsBlock, aggregate_compressed
@@ -274,6 +274,58 @@ def test_finetune_errors_and_schedule(tmp_path):
     assert lr_factor(99, 100, 0.03) < 0.01
     png = plot_losses([3.0, 2.5, 2.0, 1.8], tmp_path / "loss.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_recipe_resolves_to_the_released_schedule_and_explicit_options_win():
+    cfg = FinetuneConfig(recipe="paper")
+    assert (cfg.train, cfg.peak_lr, cfg.epochs, cfg.steps, cfg.warmup_ratio, cfg.adam_beta2, cfg.batch_size) == \
+        ("all", 2e-5, 2.0, None, 0.03, 0.999, 8)
+    assert cfg.total_steps(100) == 25  # ceil(2 epochs x 100 sequences / batch 8)
+    mine = FinetuneConfig(recipe="paper", steps=10, lr=1e-4)
+    assert (mine.steps, mine.epochs, mine.peak_lr, mine.train) == (10, None, 1e-4, "all")
+    default = FinetuneConfig()
+    assert (default.recipe, default.train, default.steps, default.peak_lr, default.adam_beta2) == \
+        ("vectors", "vectors", 200, 1e-2, 0.95)
+    with pytest.raises(FinetuneError, match="--recipe must be one of vectors, paper"):
+        FinetuneConfig(recipe="sft")
+    with pytest.raises(FinetuneError, match="--steps or --epochs, not both"):
+        FinetuneConfig(steps=3, epochs=1.0)
+
+
+def test_epochs_visit_every_sequence_once_per_epoch_in_a_fresh_order():
+    cfg = FinetuneConfig(recipe="paper", batch_size=4)
+    gen = torch.Generator().manual_seed(0)
+    epoch0 = torch.cat([batch_rows(s, 12, cfg, gen) for s in range(3)])
+    epoch1 = torch.cat([batch_rows(s, 12, cfg, gen) for s in range(3, 6)])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(12))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(batch_rows(4, 12, cfg, torch.Generator().manual_seed(9)), epoch1[4:8])  # resumable
+
+
+def test_paper_recipe_trains_the_whole_model_with_the_vectors():
+    model = _compressed_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(recipe="paper", batch_size=4, lr=1e-3)  # a larger lr than 2e-5 so 2 epochs show
+    result = finetune(model, _ids(8), cfg, progress=False)
+    assert result.steps == 4 and result.trainable_parameters == sum(p.numel() for p in before.values())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("ce_" in n for n in moved) and any("experts" in n for n in moved) and any("attn" in n for n in moved)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_grouped_gemm_path_equals_the_per_expert_path(family, monkeypatch):
+    from moepress.modeling import moepress_compressed
+
+    model = _model(family, 4)
+    view = moe_layer_views(model)[0]
+    block = CompressedExpertsBlock(view.block, model.config, k_main=2)
+    _randomise_vectors(block)
+    x = torch.randn(37, view.hidden_size)
+    with torch.no_grad():
+        grouped = _run(block, x)
+        monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)
+        looped = _run(block, x)
+    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------- round trip

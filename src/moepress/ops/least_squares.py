@@ -66,41 +66,55 @@ class NormalEquations:
         p, _ = self._rows()
         return p.T @ p
 
-    def solve(self, solver: str = "pinv", ridge: float = 0.0) -> torch.Tensor:
+    def solve(self, solver: str = "pinv", ridge: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
         """`[d, f]` minimiser of ‖W P − Y‖ (see `solve_normal_equations`); dual form while rows are held.
 
         Dual (t < f): `W = Y (PᵀP)† Pᵀ`, the minimum-norm solution, equal to `(Y Pᵀ)(P Pᵀ)†`;
         ridge: `W = Y (PᵀP + λ' I)⁻¹ Pᵀ`, equal to the primal ridge with the same λ'.
+        With a `prior` W0 (ridge only) the same holds for the residual `Y − W0 P`, shifted by W0.
         """
+        if prior is not None and solver != "ridge":
+            raise ValueError("a prior needs solver='ridge' (the pseudo-inverse ignores it)")
         if self.rows_p is None:
-            return solve_normal_equations(self._cross, self._gram, solver, ridge)
+            return solve_normal_equations(self._cross, self._gram, solver, ridge, prior)
         p, y = self._rows()
         if solver == "ridge":
             lam = ridge * (p * p).sum() / self.in_features  # λ relative to mean diag(P Pᵀ), as in the primal
             k = p @ p.T + lam * torch.eye(p.shape[0], dtype=p.dtype)
-            return (torch.linalg.solve(k, y).T @ p)
+            if prior is None:
+                return torch.linalg.solve(k, y).T @ p
+            w0 = prior.double().cpu()
+            return w0 + torch.linalg.solve(k, y - p @ w0.T).T @ p
         dual = solve_normal_equations(y.T, p @ p.T, "pinv")  # [d, t] = Y (PᵀP)†
         return dual @ p
 
 
 def solve_normal_equations(cross: torch.Tensor, gram: torch.Tensor, solver: str = "pinv",
-                           ridge: float = 0.0) -> torch.Tensor:
-    """`W = (Y Pᵀ)(P Pᵀ)†` (pinv) or `W = (Y Pᵀ)(P Pᵀ + λ·mean(diag) I)⁻¹` (ridge): the minimiser of ‖W P − Y‖_F.
+                           ridge: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """`W = (Y Pᵀ)(P Pᵀ)†` (pinv) or `W = (Y Pᵀ + λ' W0)(P Pᵀ + λ' I)⁻¹` (ridge): the minimiser of
+    `‖W P − Y‖_F² + λ'‖W − W0‖_F²`, `λ' = ridge · mean diag(P Pᵀ)`, `W0` = `prior` or 0.
 
     MergeMoE Eq. 6: `T1 = Q P†`, `W_D^new = W'_D T1 = Y_tgt P†`; `Y P† = (Y Pᵀ)(P Pᵀ)†` exactly
-    (pseudo-inverse identity), so the |C|f × f matrix T1 is never built.
+    (pseudo-inverse identity), so the |C|f × f matrix T1 is never built. The ridge toward a prior
+    is our addition (not in the paper): with W0 = a data-free down projection (the members'
+    frequency average, or a kept expert's own), directions the calibration tokens never excite stay
+    at W0 instead of being set to 0, which is what keeps the fit sane on text unlike the calibration.
 
     Args:
-        cross: `[d, f]` = Y Pᵀ; gram: `[f, f]` = P Pᵀ (fp64 recommended).
+        cross: `[d, f]` = Y Pᵀ; gram: `[f, f]` = P Pᵀ (fp64 recommended); prior: `[d, f]` or None.
         solver: "pinv" (the paper's Moore–Penrose pseudo-inverse, via eigendecomposition of the
             symmetric Gram with the numpy/LAPACK default cutoff) or "ridge" (λ relative to the mean diagonal).
     Returns:
         `[d, f]` fp64.
     """
+    if prior is not None and solver != "ridge":
+        raise ValueError("a prior needs solver='ridge' (the pseudo-inverse ignores it)")
     gram = 0.5 * (gram + gram.T)
     if solver == "ridge":
         scale = gram.diagonal().mean().clamp_min(1e-300)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        if prior is not None:
+            cross = cross + ridge * scale * prior.to(cross.dtype).to(cross.device)
         return torch.linalg.solve(gram + ridge * scale * eye, cross.T).T
     if solver != "pinv":
         raise ValueError(f"solver must be 'pinv' or 'ridge', got {solver!r}")
