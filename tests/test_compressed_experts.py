@@ -312,20 +312,37 @@ def test_paper_recipe_trains_the_whole_model_with_the_vectors():
     assert any("ce_" in n for n in moved) and any("experts" in n for n in moved) and any("attn" in n for n in moved)
 
 
+def test_vectors_lr_gives_the_vectors_their_own_peak_lr():
+    model = _compressed_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(recipe="paper", steps=3, batch_size=4, lr=1e-9, vectors_lr=5e-2, warmup_ratio=0.0)
+    finetune(model, _ids(8), cfg, progress=False)
+    step = {n: float((p - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert min(v for n, v in step.items() if "ce_" in n) > 1e-3  # Adam steps of size ~lr
+    assert max(v for n, v in step.items() if "ce_" not in n) < 1e-7
+    with pytest.raises(FinetuneError, match="vectors lr must be > 0"):
+        FinetuneConfig(vectors_lr=0.0)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
-def test_grouped_gemm_path_equals_the_per_expert_path(family, monkeypatch):
+@pytest.mark.parametrize("tokens", [5, 300])  # few rows per expert (stacked gate+up) and many (separate)
+def test_every_expert_path_gives_the_same_outputs(family, tokens, monkeypatch):
+    """grouped GEMM vs per-expert matmuls, stacked gate+up vs separate: the same numbers."""
     from moepress.modeling import moepress_compressed
 
     model = _model(family, 4)
     view = moe_layer_views(model)[0]
     block = CompressedExpertsBlock(view.block, model.config, k_main=2)
     _randomise_vectors(block)
-    x = torch.randn(37, view.hidden_size)
+    x = torch.randn(tokens, view.hidden_size)
     with torch.no_grad():
-        grouped = _run(block, x)
-        monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)
-        looped = _run(block, x)
-    torch.testing.assert_close(grouped, looped, atol=1e-5, rtol=1e-5)
+        reference = _run(block, x)
+        for stacked in (0, 10**6):
+            monkeypatch.setattr(moepress_compressed, "STACKED_ROWS_PER_EXPERT", stacked)
+            torch.testing.assert_close(_run(block, x), reference, atol=1e-5, rtol=1e-5)
+            monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)
+            torch.testing.assert_close(_run(block, x), reference, atol=1e-5, rtol=1e-5)
+            monkeypatch.undo()
 
 
 # ------------------------------------------------------------------------------- round trip

@@ -72,6 +72,8 @@ class FinetuneConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the recipe's; "
                                                               "1e-2 vectors, 3e-4 otherwise)"})
+    vectors_lr: float | None = field(default=None, metadata={
+        "help": "peak lr of the compressed vectors alone (default: lr, as the paper; our addition for short runs)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup (paper: 0.03)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never applied to vectors)"})
     adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2 (default: the recipe's)"})
@@ -104,6 +106,8 @@ class FinetuneConfig:
             raise FinetuneError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.temperature <= 0:
             raise FinetuneError(f"temperature must be > 0, got {self.temperature}")
+        if self.vectors_lr is not None and self.vectors_lr <= 0:
+            raise FinetuneError(f"vectors lr must be > 0, got {self.vectors_lr}")
 
     @property
     def peak_lr(self) -> float:
@@ -235,11 +239,16 @@ def _restore(state, trainable, optimizer, generator) -> None:
 
 # ----------------------------------------------------------------------------------------- loop
 def _optimizer(model: nn.Module, trainable: dict[str, nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over three groups: decayed matrices, undecayed rest, and the compressed vectors (their
+    own peak lr when `vectors_lr` is given). Each group keeps its peak lr under "peak_lr"."""
     vectors = {id(p) for p in compressed_vectors(model)}
     decay = [p for p in trainable.values() if id(p) not in vectors and p.dim() >= 2]
-    rest = [p for p in trainable.values() if id(p) in vectors or p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    rest = [p for p in trainable.values() if id(p) not in vectors and p.dim() < 2]
+    vecs = [p for p in trainable.values() if id(p) in vectors]
+    vector_lr = config.vectors_lr if config.vectors_lr is not None else config.peak_lr
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay, "peak_lr": config.peak_lr},
+                          {"params": rest, "weight_decay": 0.0, "peak_lr": config.peak_lr},
+                          {"params": vecs, "weight_decay": 0.0, "peak_lr": vector_lr}) if g["params"]]
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, config.adam_beta2))
 
 
@@ -285,7 +294,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
     with step_progress(progress, total, step) as advance:
         while step < total:
             for group in optimizer.param_groups:
-                group["lr"] = config.peak_lr * lr_factor(step, total, config.warmup_ratio)
+                group["lr"] = group["peak_lr"] * lr_factor(step, total, config.warmup_ratio)
             rows = batch_rows(step, input_ids.shape[0], config, generator)
             loss = _loss(model, teacher, input_ids[rows], config)
             optimizer.zero_grad(set_to_none=True)
