@@ -1,22 +1,31 @@
 """Expert merging vs pruning on the trained reference models (ALGORITHMS.md §1.5, §4.1–4.4).
 
     .venv/bin/python benchmarks/merging_quality.py [--model mixtral-ref] [--ratios 0.25,0.5]
+        [--calib-domain linux] [--methods naee,mergemoe,...] [--json out.json]
 
-For each ratio every method keeps M = round(N·(1 − ratio)) experts per MoE layer, calibrated on the
-zoo's built-in calibration text (--samples × --seq-len tokens, identical for all methods). Printed per
-row: stored routed-expert parameters, held-out perplexity (geometric mean over the zoo's held-out
-domains, the first --eval-chars characters of each), next-chunk multiple-choice accuracy (4 options, chance 0.25), the mean relative error of
-the MoE-layer outputs on the calibration tokens (merging methods record it), and compression time.
-`mergemoe+stock` is MergeMoE exported as the family's stock block with a fitted M-row router:
-the row beside `mergemoe` is what stock-loadability costs.
+For each ratio every method keeps M = round(N·(1 − ratio)) experts per MoE layer, calibrated on
+--samples × --seq-len tokens identical for all methods: the zoo's built-in multi-domain calibration
+text, or with --calib-domain the calibration split of ONE corpus domain (`moepress zoo corpus`
+builds it) — the out-of-domain case: calibrate on one kind of text, deploy on all. Printed per row:
+stored routed-expert parameters, held-out perplexity on each of the zoo's six held-out domains
+(the first --eval-chars characters of each) and their geometric mean, next-chunk multiple-choice
+accuracy (4 options, chance 0.25), the mean relative error of the MoE-layer outputs on the
+calibration tokens (merging methods record it), and compression time.
+
+Rows are registry names, optionally `+variant` (ROWS below gives the options of each variant):
+`mergemoe+stock` is MergeMoE exported as the family's stock block with a fitted M-row router;
+`mergemoe+routed`, `+layer`, `+robust` are the fitting options documented in methods/mergemoe;
+`prune_refit` is the merge + prune hybrid (methods/prune_refit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -25,14 +34,21 @@ from moepress.arch import parameter_counts
 from moepress.methods import available_methods
 from moepress.zoo import builtin_domains, builtin_text, reference_model_path
 
-ROWS = (("frequency", {}), ("reap", {}), ("average", {}), ("zipit", {}), ("msmoe", {}), ("hcsmoe", {}),
-        ("mergemoe", {}), ("mergemoe+stock", {"export": "stock"}))
+ROBUST = {"target": "routed", "solver": "ridge", "ridge": 0.1, "prior": "average", "similarity": "output"}
+ROWS = {
+    "frequency": {}, "reap": {}, "naee": {}, "average": {}, "zipit": {}, "msmoe": {}, "hcsmoe": {},
+    "mergemoe": {}, "mergemoe+stock": {"export": "stock"},
+    "mergemoe+routed": {"target": "routed"},
+    "mergemoe+layer": {"target": "layer"},
+    "mergemoe+robust": ROBUST,
+    "prune_refit": {}, "prune_refit+frequency": {"select": "frequency"},
+}
+DEFAULT_ROWS = ("frequency", "reap", "naee", "average", "zipit", "msmoe", "hcsmoe", "mergemoe", "mergemoe+stock")
 
 
 def heldout_files(chars: int) -> list[str]:
     """The zoo's held-out texts, each cut to its first `chars` characters (0 = whole), as temp files."""
     import tempfile
-    from pathlib import Path
 
     folder = Path(tempfile.mkdtemp(prefix="moepress-heldout-"))
     paths = []
@@ -44,25 +60,48 @@ def heldout_files(chars: int) -> list[str]:
     return paths
 
 
+def domain_calibration(domain: str | None) -> str | None:
+    """The calibration split of one corpus domain (jsonl), or None for the built-in multi-domain text."""
+    if domain is None:
+        return None
+    from moepress.zoo.paths import corpus_dir
+
+    path = corpus_dir() / domain / "calib.jsonl"
+    if not path.exists() or path.stat().st_size == 0:
+        raise SystemExit(f"no calibration split for domain {domain!r} at {path}: run `moepress zoo corpus` first "
+                         f"(domains with a calibration split: code, foldoc, french, linux, python_docs)")
+    return str(path)
+
+
 def evaluate(model, tokenizer, args) -> dict:
     report = moepress.evaluate(model, tokenizer=tokenizer, ppl=args.heldout,
                                tasks=["next_chunk"], seq_len=args.eval_seq_len, mc_per_domain=args.mc_per_domain)
-    ppl = {k.split("/", 1)[1]: v for k, v in report.metrics.items() if k.startswith("ppl/")}
+    ppl = {Path(k.split("/", 1)[1]).stem: v for k, v in report.metrics.items() if k.startswith("ppl/")}
     return {"ppl": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)), "per_domain": ppl,
             "acc": report.metrics["next_chunk/acc"], "routed": parameter_counts(model)["routed_experts"]}
 
 
-def run(method: str, path, kept: int, args, options: dict):
+def run(row: str, path, kept: int, args):
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = moepress.compress(str(path), method.split("+")[0], experts=kept, samples=args.samples,
-                                   seq_len=args.seq_len, seed=0, offload=False, **options)  # evaluated in memory
+        result = moepress.compress(str(path), row.split("+")[0], experts=kept, samples=args.samples,
+                                   seq_len=args.seq_len, seed=0, calib=args.calib, offload=False,  # evaluated in memory
+                                   **ROWS.get(row, {}))
     seconds = time.perf_counter() - t0
     errors = [r["calib_rel_error"] for r in result.records.values() if "calib_rel_error" in r]
     res = evaluate(result.model, result.tokenizer, args)
     res["layer_err"] = sum(errors) / len(errors) if errors else float("nan")
-    return res, seconds
+    res["seconds"] = seconds
+    return res
+
+
+def print_row(ratio, kept, name, res, domains) -> None:
+    err = f"{res['layer_err']:>9.4f}" if "layer_err" in res else " " * 9
+    secs = f"{res['seconds']:>8.1f}" if "seconds" in res else " " * 8
+    print(f"{ratio:>5.2f} {kept:>3} {name:>22} {res['routed']:>12,} {res['ppl']:>9.3f} "
+          + " ".join(f"{res['per_domain'][d]:>8.2f}" for d in domains)
+          + f" {res['acc']:>6.3f} {err} {secs}", flush=True)
 
 
 def main() -> None:
@@ -70,15 +109,19 @@ def main() -> None:
     parser.add_argument("--model", default="mixtral-ref")
     parser.add_argument("--path", default=None, help="a local model directory instead of a zoo model")
     parser.add_argument("--ratios", default="0.25,0.5")
-    parser.add_argument("--methods", default=",".join(r[0] for r in ROWS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_ROWS), help=f"rows: {', '.join(ROWS)}")
+    parser.add_argument("--calib-domain", default=None,
+                        help="calibrate on this one corpus domain's calibration split (default: built-in multi-domain text)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--mc-per-domain", type=int, default=32)
     parser.add_argument("--eval-chars", type=int, default=20000, help="characters of each held-out text (0 = all)")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--json", default=None, help="also write every row to this JSON file")
     args = parser.parse_args()
     args.heldout = heldout_files(args.eval_chars)
+    args.calib = domain_calibration(args.calib_domain)
+    domains = builtin_domains()
 
     import transformers
 
@@ -90,27 +133,28 @@ def main() -> None:
     base = evaluate(original, tokenizer, args)
     known = available_methods()
     wanted = args.methods.split(",")
-    options = dict(ROWS)
-    rows = [(m, options.get(m, {})) for m in wanted if m.split("+")[0] in known]  # in the order asked
+    rows = [m for m in wanted if m.split("+")[0] in known]  # in the order asked
     missing = [m for m in wanted if m.split("+")[0] not in known]
     print(f"model {args.model} ({path}); {n} experts/layer, top-{cfg.num_experts_per_tok}; calibration "
-          f"{args.samples} x {args.seq_len} tokens; threads {torch.get_num_threads()}"
-          + (f"; not registered (skipped): {missing}" if missing else ""))
-    print(f"{'ratio':>5} {'M':>3} {'method':>15} {'routed params':>14} {'ppl(geo)':>9} {'acc':>6} "
-          f"{'layer err':>9} {'compress s':>10}")
-    print(f"{0:>5.2f} {n:>3} {'original':>15} {base['routed']:>14,} {base['ppl']:>9.3f} {base['acc']:>6.3f}")
+          f"{args.calib_domain or 'built-in multi-domain'}, {args.samples} x {args.seq_len} tokens; "
+          f"threads {torch.get_num_threads()}" + (f"; not registered (skipped): {missing}" if missing else ""))
+    print(f"{'ratio':>5} {'M':>3} {'method':>22} {'routed':>12} {'ppl(geo)':>9} "
+          + " ".join(f"{d[:8]:>8}" for d in domains) + f" {'acc':>6} {'layer err':>9} {'secs':>8}")
+    print_row(0.0, n, "original", base, domains)
+    table = {"model": args.model, "calib": args.calib_domain or "multi-domain", "samples": args.samples,
+             "seq_len": args.seq_len, "eval_chars": args.eval_chars, "rows": [{"ratio": 0.0, "method": "original", **base}]}
     for ratio in (float(r) for r in args.ratios.split(",")):
         kept = max(int(cfg.num_experts_per_tok), round(n * (1 - ratio)))
-        for method, options in rows:
+        for row in rows:
             try:
-                res, seconds = run(method, path, kept, args, options)
+                res = run(row, path, kept, args)
             except Exception as exc:  # one failing method must not hide the others
-                print(f"{ratio:>5.2f} {kept:>3} {method:>15} FAILED: {type(exc).__name__}: {exc}")
+                print(f"{ratio:>5.2f} {kept:>3} {row:>22} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 continue
-            print(f"{ratio:>5.2f} {kept:>3} {method:>15} {res['routed']:>14,} {res['ppl']:>9.3f} {res['acc']:>6.3f} "
-                  f"{res['layer_err']:>9.4f} {seconds:>10.1f}", flush=True)
-            if args.verbose:
-                print("        " + ", ".join(f"{d}={v:.2f}" for d, v in res["per_domain"].items()))
+            print_row(ratio, kept, row, res, domains)
+            table["rows"].append({"ratio": ratio, "experts": kept, "method": row, **res})
+            if args.json:
+                Path(args.json).write_text(json.dumps(table, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from moepress.arch import moe_layer_views, parameter_counts, set_moe_block, tiny
 from moepress.arch import SUPPORTED as FAMILIES
 from moepress.calib.stats import LayerStatistics
 from moepress.methods.compressed_experts.finetune import (
-    FinetuneConfig, FinetuneError, finetune, lr_factor, make_teacher, plot_losses,
+    FinetuneConfig, FinetuneError, batch_rows, finetune, lr_factor, make_teacher, plot_losses,
 )
 from moepress.methods import ConfigError, LayerContext, build_method
 from moepress.modeling.moepress_compressed import CompressedExpertsBlock, aggregate_compressed
@@ -274,6 +274,75 @@ def test_finetune_errors_and_schedule(tmp_path):
     assert lr_factor(99, 100, 0.03) < 0.01
     png = plot_losses([3.0, 2.5, 2.0, 1.8], tmp_path / "loss.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_recipe_resolves_to_the_released_schedule_and_explicit_options_win():
+    cfg = FinetuneConfig(recipe="paper")
+    assert (cfg.train, cfg.peak_lr, cfg.epochs, cfg.steps, cfg.warmup_ratio, cfg.adam_beta2, cfg.batch_size) == \
+        ("all", 2e-5, 2.0, None, 0.03, 0.999, 8)
+    assert cfg.total_steps(100) == 25  # ceil(2 epochs x 100 sequences / batch 8)
+    mine = FinetuneConfig(recipe="paper", steps=10, lr=1e-4)
+    assert (mine.steps, mine.epochs, mine.peak_lr, mine.train) == (10, None, 1e-4, "all")
+    default = FinetuneConfig()
+    assert (default.recipe, default.train, default.steps, default.peak_lr, default.adam_beta2) == \
+        ("vectors", "vectors", 200, 1e-2, 0.95)
+    with pytest.raises(FinetuneError, match="--recipe must be one of vectors, paper"):
+        FinetuneConfig(recipe="sft")
+    with pytest.raises(FinetuneError, match="--steps or --epochs, not both"):
+        FinetuneConfig(steps=3, epochs=1.0)
+
+
+def test_epochs_visit_every_sequence_once_per_epoch_in_a_fresh_order():
+    cfg = FinetuneConfig(recipe="paper", batch_size=4)
+    gen = torch.Generator().manual_seed(0)
+    epoch0 = torch.cat([batch_rows(s, 12, cfg, gen) for s in range(3)])
+    epoch1 = torch.cat([batch_rows(s, 12, cfg, gen) for s in range(3, 6)])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(12))
+    assert not torch.equal(epoch0, epoch1)
+    assert torch.equal(batch_rows(4, 12, cfg, torch.Generator().manual_seed(9)), epoch1[4:8])  # resumable
+
+
+def test_paper_recipe_trains_the_whole_model_with_the_vectors():
+    model = _compressed_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(recipe="paper", batch_size=4, lr=1e-3)  # a larger lr than 2e-5 so 2 epochs show
+    result = finetune(model, _ids(8), cfg, progress=False)
+    assert result.steps == 4 and result.trainable_parameters == sum(p.numel() for p in before.values())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("ce_" in n for n in moved) and any("experts" in n for n in moved) and any("attn" in n for n in moved)
+
+
+def test_vectors_lr_gives_the_vectors_their_own_peak_lr():
+    model = _compressed_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(recipe="paper", steps=3, batch_size=4, lr=1e-9, vectors_lr=5e-2, warmup_ratio=0.0)
+    finetune(model, _ids(8), cfg, progress=False)
+    step = {n: float((p - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert min(v for n, v in step.items() if "ce_" in n) > 1e-3  # Adam steps of size ~lr
+    assert max(v for n, v in step.items() if "ce_" not in n) < 1e-7
+    with pytest.raises(FinetuneError, match="vectors lr must be > 0"):
+        FinetuneConfig(vectors_lr=0.0)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+@pytest.mark.parametrize("tokens", [5, 300])  # few rows per expert (stacked gate+up) and many (separate)
+def test_every_expert_path_gives_the_same_outputs(family, tokens, monkeypatch):
+    """grouped GEMM vs per-expert matmuls, stacked gate+up vs separate: the same numbers."""
+    from moepress.modeling import moepress_compressed
+
+    model = _model(family, 4)
+    view = moe_layer_views(model)[0]
+    block = CompressedExpertsBlock(view.block, model.config, k_main=2)
+    _randomise_vectors(block)
+    x = torch.randn(tokens, view.hidden_size)
+    with torch.no_grad():
+        reference = _run(block, x)
+        for stacked in (0, 10**6):
+            monkeypatch.setattr(moepress_compressed, "STACKED_ROWS_PER_EXPERT", stacked)
+            torch.testing.assert_close(_run(block, x), reference, atol=1e-5, rtol=1e-5)
+            monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)
+            torch.testing.assert_close(_run(block, x), reference, atol=1e-5, rtol=1e-5)
+            monkeypatch.undo()
 
 
 # ------------------------------------------------------------------------------- round trip

@@ -289,13 +289,15 @@ def finetune(
     checkpoint: Path = typer.Argument(..., help="moepress output (or any supported model) to fine-tune"),
     data: Optional[Path] = typer.Option(None, help="text: file, folder, jsonl or saved dataset (default: built-in)"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: CHECKPOINT-finetuned)"),
-    train: str = typer.Option("vectors", help="vectors | all | model (all but the vectors)"),
+    recipe: str = typer.Option("vectors", help="vectors (vectors only, 200 steps) | paper (whole model, lr 2e-5, "
+                                               "2 epochs, warmup 0.03, cosine: the paper's run_sft.py)"),
+    train: Optional[str] = typer.Option(None, help="vectors | all | model (all but the vectors); default: the recipe's"),
     distill: bool = typer.Option(False, "--distill", help="KL to the original top-k model's logits"),
-    steps: int = typer.Option(200),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's)"),
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256),
     samples: int = typer.Option(4096, help="packed training sequences drawn from --data"),
-    lr: Optional[float] = typer.Option(None, help="peak lr (default 1e-2 vectors, 3e-4 otherwise)"),
+    lr: Optional[float] = typer.Option(None, help="peak lr (default: the recipe's; 1e-2 vectors, 3e-4 otherwise)"),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " (training itself runs in float32)"),
     save_every: int = typer.Option(0, help="checkpoint every N steps"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT.state/latest"),
@@ -315,8 +317,8 @@ def finetune(
         from moepress.api import finetune_checkpoint
         from moepress.methods.compressed_experts.finetune import FinetuneConfig
 
-        config = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, train=train, distill=distill,
-                                save_every=save_every, seed=seed)
+        config = FinetuneConfig(recipe=recipe, steps=steps, batch_size=batch_size, lr=lr, train=train,
+                                distill=distill, save_every=save_every, seed=seed)
         path = finetune_checkpoint(checkpoint, data, out, config, samples=samples, seq_len=seq_len, resume=resume,
                                    progress=not quiet, overwrite=overwrite or resume, dtype=dtype, device=device)
     Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")

@@ -104,17 +104,23 @@ class NormalEquations:
         p, _ = self._rows()
         return p.T @ p
 
-    def solve(self, solver: str = "pinv", ridge: float = 0.0) -> torch.Tensor:
+    def solve(self, solver: str = "pinv", ridge: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
         """`[d, f]` minimiser of ‖W P − Y‖ (see `fit_normal_equations`); dual form while rows are held.
 
         Dual (t < f): `W = Y (PᵀP)† Pᵀ`, the minimum-norm solution, equal to `(Y Pᵀ)(P Pᵀ)†`;
         ridge: `W = Y (PᵀP + λ' I)⁻¹ Pᵀ`, equal to the primal ridge with the same λ'.
+        With a `prior` W0 (ridge only) the same holds for the residual `Y − W0 P`, shifted by W0.
         """
+        if prior is not None and solver != "ridge":
+            raise ValueError("a prior needs solver='ridge' (the pseudo-inverse ignores it)")
         if self.rows_p is None:
-            solution = fit_normal_equations(self._cross, self._gram, solver, ridge)
+            solution = fit_normal_equations(self._cross, self._gram, solver, ridge, prior)
             self.solved_by = solution.method
             return solution.weight
         p, y = self._rows()
+        w0 = None if prior is None else prior.to(dtype=p.dtype, device=p.device)
+        if w0 is not None:
+            y = y - p @ w0.T
         if solver == "ridge":
             lam = ridge * (p * p).sum() / self.in_features  # λ relative to mean diag(P Pᵀ), as in the primal
             dual = _symmetric_solve(y.T, p @ p.T + lam * torch.eye(p.shape[0], dtype=p.dtype, device=p.device),
@@ -122,12 +128,18 @@ class NormalEquations:
         else:
             dual = fit_normal_equations(y.T, p @ p.T, "pinv")  # [d, t] = Y (PᵀP)†
         self.solved_by = dual.method
-        return dual.weight @ p
+        weight = dual.weight @ p
+        return weight if w0 is None else w0 + weight
 
 
 def fit_normal_equations(cross: torch.Tensor, gram: torch.Tensor, solver: str = "pinv",
-                         ridge: float = 0.0) -> LeastSquaresSolution:
-    """`W = (Y Pᵀ)(P Pᵀ)†` (pinv) or `W = (Y Pᵀ)(P Pᵀ + λ·mean(diag) I)⁻¹` (ridge): the minimiser of ‖W P − Y‖_F.
+                         ridge: float = 0.0, prior: torch.Tensor | None = None) -> LeastSquaresSolution:
+    """`W = (Y Pᵀ)(P Pᵀ)†` (pinv) or `W = (Y Pᵀ + λ' W0)(P Pᵀ + λ' I)⁻¹` (ridge): the minimiser of
+    `‖W P − Y‖_F² + λ'‖W − W0‖_F²`, `λ' = ridge · mean diag(P Pᵀ)`, `W0` = `prior` or 0.
+
+    The ridge toward a prior is our addition (not in the paper): with W0 = a data-free down
+    projection (the members' frequency average, or a kept expert's own), directions the calibration
+    tokens never excite stay at W0 instead of being set to 0.
 
     MergeMoE Eq. 6: `T1 = Q P†`, `W_D^new = W'_D T1 = Y_tgt P†`; `Y P† = (Y Pᵀ)(P Pᵀ)†` exactly
     (pseudo-inverse identity), so the |C|f × f matrix T1 is never built.
@@ -143,17 +155,22 @@ def fit_normal_equations(cross: torch.Tensor, gram: torch.Tensor, solver: str = 
     """
     if solver not in ("pinv", "ridge"):
         raise ValueError(f"solver must be 'pinv' or 'ridge', got {solver!r}")
+    if prior is not None and solver != "ridge":
+        raise ValueError("a prior needs solver='ridge' (the pseudo-inverse ignores it)")
     gram = gram + gram.T  # one f×f copy (1.6 GB at f = 14336): symmetrised, then shifted in place
     gram.mul_(0.5)
     if solver == "ridge":
-        gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-300))
+        shift = ridge * gram.diagonal().mean().clamp_min(1e-300)
+        gram.diagonal().add_(shift)
+        if prior is not None:
+            cross = cross + shift * prior.to(dtype=cross.dtype, device=cross.device)
     return _symmetric_solve(cross, gram, pseudo_inverse=solver == "pinv")
 
 
 def solve_normal_equations(cross: torch.Tensor, gram: torch.Tensor, solver: str = "pinv",
-                           ridge: float = 0.0) -> torch.Tensor:
+                           ridge: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
     """The `[d, f]` weight of `fit_normal_equations` (same arguments)."""
-    return fit_normal_equations(cross, gram, solver, ridge).weight
+    return fit_normal_equations(cross, gram, solver, ridge, prior).weight
 
 
 def _symmetric_solve(cross: torch.Tensor, gram: torch.Tensor, pseudo_inverse: bool) -> LeastSquaresSolution:

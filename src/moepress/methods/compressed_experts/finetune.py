@@ -12,7 +12,10 @@ text, AdamW, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs). Here, on pa
   because the routed experts are the stock ones. When the experts train too, the teacher is a
   frozen copy taken before the first step.
 
-Step counts, not epochs; AdamW with linear warmup then cosine decay to zero. Checkpoints
+Two recipes (`RECIPES`, `--recipe`): `vectors` (the default above) and `paper` (the released
+`run_sft.py`: whole model, lr 2e-5, 2 epochs, warmup 0.03, cosine). A run is a number of steps
+(batches drawn with replacement) or of epochs (each a fresh permutation of the packed sequences);
+AdamW with linear warmup then cosine decay to zero. Checkpoints
 (`save_every`) hold the trainable tensors, the optimizer, the step, the loss history and every
 RNG state, so `resume=True` continues bit-for-bit where a killed run stopped.
 
@@ -37,6 +40,17 @@ from ...progress import step_progress
 
 TRAIN_CHOICES = ("vectors", "all", "model")
 
+#: Named presets; a field given explicitly always wins over its recipe's value.
+RECIPES: dict[str, dict] = {
+    # Our cheap default: only the compressed vectors learn, 200 steps at lr 1e-2.
+    "vectors": {"train": "vectors", "steps": 200, "adam_beta2": 0.95},
+    # ALGORITHMS.md §3.2, the released run_sft.py: TRL SFTTrainer on packed text, the whole model
+    # with the vectors, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs, batch 8, and the HF
+    # Trainer's AdamW defaults (betas 0.9/0.999, no weight decay, gradient norm clipped at 1).
+    # Not reproduced: bf16 and gradient checkpointing (memory savers; we train in the model's dtype).
+    "paper": {"train": "all", "lr": 2e-5, "epochs": 2.0, "adam_beta2": 0.999},
+}
+
 
 class FinetuneError(ValueError):
     """Bad fine-tuning input; the message says what to change."""
@@ -44,33 +58,66 @@ class FinetuneError(ValueError):
 
 @dataclass
 class FinetuneConfig:
-    """Options of `finetune` (recorded in moepress.json under "finetune")."""
+    """Options of `finetune` (recorded in moepress.json under "finetune").
 
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    `recipe` fills every option left at None: `vectors` (default) or `paper` (RECIPES). A run is
+    `steps` optimizer steps of batches drawn with replacement, or `epochs` passes over the packed
+    sequences in a fresh random order each epoch (the paper's recipe; steps = ceil(epochs·n / batch)).
+    """
+
+    recipe: str = field(default="vectors", metadata={"help": "vectors (vectors only, 200 steps, lr 1e-2) | "
+                                                            "paper (whole model, lr 2e-5, 2 epochs, ALGORITHMS.md §3.2)"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: from the recipe)"})
+    epochs: float | None = field(default=None, metadata={"help": "passes over the data instead of --steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default 1e-2 vectors, 3e-4 otherwise)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the recipe's; "
+                                                              "1e-2 vectors, 3e-4 otherwise)"})
+    vectors_lr: float | None = field(default=None, metadata={
+        "help": "peak lr of the compressed vectors alone (default: lr, as the paper; our addition for short runs)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps of linear warmup (paper: 0.03)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never applied to vectors)"})
+    adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2 (default: the recipe's)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = off)"})
-    train: str = field(default="vectors", metadata={"help": "vectors | all | model (all but the vectors)"})
+    train: str | None = field(default=None, metadata={"help": "vectors | all | model (all but the vectors); "
+                                                               "default: the recipe's"})
     distill: bool = field(default=False, metadata={"help": "KL to the original top-k model's logits instead of CE"})
     temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of batch sampling and dropout"})
 
     def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise FinetuneError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise FinetuneError("give --steps or --epochs, not both")
+        length_given = self.steps is not None or self.epochs is not None
+        for name, value in RECIPES[self.recipe].items():
+            if name in ("steps", "epochs") and length_given:
+                continue
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.train not in TRAIN_CHOICES:
             raise FinetuneError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise FinetuneError(f"need steps >= 1 and batch size >= 1 (got {self.steps}, {self.batch_size})")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0) \
+                or self.batch_size < 1:
+            raise FinetuneError(f"need steps >= 1 (or epochs > 0) and batch size >= 1 "
+                                f"(got steps {self.steps}, epochs {self.epochs}, batch {self.batch_size})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise FinetuneError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.temperature <= 0:
             raise FinetuneError(f"temperature must be > 0, got {self.temperature}")
+        if self.vectors_lr is not None and self.vectors_lr <= 0:
+            raise FinetuneError(f"vectors lr must be > 0, got {self.vectors_lr}")
 
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (1e-2 if self.train == "vectors" else 3e-4)
+
+    def total_steps(self, sequences: int) -> int:
+        """Optimizer steps of this run on `sequences` packed sequences."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.epochs * sequences / self.batch_size))
 
 
 @dataclass
@@ -192,12 +239,29 @@ def _restore(state, trainable, optimizer, generator) -> None:
 
 # ----------------------------------------------------------------------------------------- loop
 def _optimizer(model: nn.Module, trainable: dict[str, nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over three groups: decayed matrices, undecayed rest, and the compressed vectors (their
+    own peak lr when `vectors_lr` is given). Each group keeps its peak lr under "peak_lr"."""
     vectors = {id(p) for p in compressed_vectors(model)}
     decay = [p for p in trainable.values() if id(p) not in vectors and p.dim() >= 2]
-    rest = [p for p in trainable.values() if id(p) in vectors or p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, 0.95))
+    rest = [p for p in trainable.values() if id(p) not in vectors and p.dim() < 2]
+    vecs = [p for p in trainable.values() if id(p) in vectors]
+    vector_lr = config.vectors_lr if config.vectors_lr is not None else config.peak_lr
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay, "peak_lr": config.peak_lr},
+                          {"params": rest, "weight_decay": 0.0, "peak_lr": config.peak_lr},
+                          {"params": vecs, "weight_decay": 0.0, "peak_lr": vector_lr}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(0.9, config.adam_beta2))
+
+
+def batch_rows(step: int, sequences: int, config: FinetuneConfig, generator: torch.Generator) -> torch.Tensor:
+    """The rows of step `step`: drawn with replacement (`steps` runs, from `generator`), or the
+    step's slice of its epoch's permutation (`epochs` runs; a pure function of seed and step, so a
+    resumed run sees the same order)."""
+    if config.epochs is None:
+        return torch.randint(0, sequences, (config.batch_size,), generator=generator)
+    per_epoch = math.ceil(sequences / config.batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(sequences, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    return order[within * config.batch_size: (within + 1) * config.batch_size]
 
 
 def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, *,
@@ -212,6 +276,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
     if input_ids.dim() != 2 or input_ids.shape[0] < 1:
         raise FinetuneError(f"need packed sequences [n, seq_len], got shape {tuple(input_ids.shape)}")
     state_dir = Path(state_dir) if state_dir is not None else None
+    total = config.total_steps(input_ids.shape[0])
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     trainable = select_trainable(model, config.train)
@@ -226,11 +291,11 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
         step, losses = state["step"], list(state["losses"])
     t0 = time.perf_counter()
     model.train()
-    with step_progress(progress, config.steps, step) as advance:
-        while step < config.steps:
+    with step_progress(progress, total, step) as advance:
+        while step < total:
             for group in optimizer.param_groups:
-                group["lr"] = config.peak_lr * lr_factor(step, config.steps, config.warmup_ratio)
-            rows = torch.randint(0, input_ids.shape[0], (config.batch_size,), generator=generator)
+                group["lr"] = group["peak_lr"] * lr_factor(step, total, config.warmup_ratio)
+            rows = batch_rows(step, input_ids.shape[0], config, generator)
             batch = input_ids[rows].to(next(model.parameters()).device)  # the model's device (`--device`)
             loss = _loss(model, teacher, batch, config)
             optimizer.zero_grad(set_to_none=True)
@@ -241,7 +306,7 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
             step += 1
             losses.append(float(loss.detach()))
             advance(losses[-1])
-            if state_dir is not None and (step == config.steps or (config.save_every and step % config.save_every == 0)):
+            if state_dir is not None and (step == total or (config.save_every and step % config.save_every == 0)):
                 save_state(state_dir, _state(model, trainable, optimizer, step, losses, generator))
     model.eval()
     n_train = sum(p.numel() for p in trainable.values())
@@ -273,5 +338,5 @@ def finetune_record(config: FinetuneConfig, result: FinetuneResult, data: str) -
             "losses": [round(x, 5) for x in result.losses]}
 
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "finetune", "finetune_record", "lr_factor",
+__all__ = ["RECIPES", "FinetuneConfig", "FinetuneError", "FinetuneResult", "batch_rows", "finetune", "finetune_record", "lr_factor",
            "make_teacher", "plot_losses", "select_trainable"]
