@@ -124,13 +124,22 @@ class InMemoryLayers:
         if self.device is not None:
             decoder_layers(self.model)[index].to("cpu")
 
+    def load_original(self, index: int) -> nn.Module:
+        """Layer `index` with its source weights (before the layer loop: the layer itself)."""
+        return self.onload(index)
+
+    def release(self, index: int) -> None:
+        """Put back a layer from `load_original` (nothing is written)."""
+        self.offload(index)
+
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet, *,
                     batch_size: int = 8, store=None, progress: Callable | None = None) -> dict[int, dict]:
     """Run `method` over every MoE layer of `model`; returns `{layer index: record}`.
 
     Args:
-        store: a layer store with `onload(i) -> layer` / `offload(i)`; default `InMemoryLayers`.
+        store: a layer store with `onload(i) -> layer` / `offload(i)` (and `load_original(i)` /
+            `release(i)` for passes over the original model in `Method.prepare`); default `InMemoryLayers`.
         progress: optional callback `progress(done, total, description)`.
     """
     if store is not None and getattr(method, "requires_resident_model", False):
@@ -140,7 +149,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size)
-    method.prepare(model, calibration)
+    method.prepare(model, calibration, store=store)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()

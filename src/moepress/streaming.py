@@ -106,6 +106,19 @@ class StreamingLayers:
             self.reader.close()  # unmap what this layer touched
         return layer
 
+    def load_original(self, index: int) -> nn.Module:
+        """Layer `index` with the source checkpoint's weights, even if a resumed run finished it
+        (for passes over the original model, e.g. D²-MoE's Fisher); give it back with `release`."""
+        layer = decoder_layers(self.model)[index]
+        self._load_into(layer, f"{LAYER_PREFIX}{index}.")
+        self.reader.close()
+        return layer
+
+    def release(self, index: int) -> None:
+        """Send a layer from `load_original` back to meta without writing a shard."""
+        decoder_layers(self.model)[index].to("meta")
+        release_freed_memory()
+
     def _restore_finished(self, layer: nn.Module, index: int) -> None:
         """Give layer `index` the structure it had when finished, then load its shard."""
         block_info = self.done[index]["block"]
