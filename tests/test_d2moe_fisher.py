@@ -3,6 +3,12 @@ model, and d2moe streamed (offload) against d2moe resident."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -11,7 +17,7 @@ from moepress.arch import moe_layer_views, tiny_model
 from moepress.methods.d2moe.fisher import PROJECTIONS, _split, fisher_bases
 from moepress.ops.fisher_merge import fisher_merge
 
-RTOL = 1e-4  # float32: the layer-wise pass recomputes each layer, so only summation order may differ
+RTOL = 1e-4  # float32: the layer-wise pass recomputes each layer; only the rounding of sums may differ
 
 
 def _ids(n=5, length=16, seed=1):
@@ -53,7 +59,7 @@ def resident_fisher_bases(model, ids, batch_size=1):
         weights = {"gate": v.gate_proj, "up": v.up_proj, "down": v.down_proj}
         out[v.layer_index] = {p: fisher_merge(weights[p].detach(), split[p], counts[v.layer_index]).float()
                               for p in PROJECTIONS}
-        out[v.layer_index].update(frequency=counts[v.layer_index], fisher=split)
+        out[v.layer_index]["frequency"] = counts[v.layer_index]
     return out
 
 
@@ -129,3 +135,38 @@ def test_d2moe_streamed_equals_d2moe_resident(family, tiny_checkpoint, calib_fil
     ids = _ids(n=2, length=24)
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-5
+
+
+def test_two_ranks_with_half_the_batches_each_agree_with_one_process(tmp_path):
+    """The sums over batches are all-reduced: 2 gloo ranks, each with half of the calibration
+    sequences, get the bases and frequencies of one process with all of them."""
+    script = tmp_path / "fisher_rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        from moepress import distributed as d
+        from moepress.arch import tiny_model
+        from moepress.methods.d2moe.fisher import fisher_bases
+        torch.set_num_threads(1)
+        assert d.init_from_environment()
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        bases = fisher_bases(tiny_model("mixtral"), ids[d.rank()::2], batch_size=1)
+        if d.rank() == 0:
+            torch.save({{k: dict(v) for k, v in bases.items()}}, {str(tmp_path / "bases.pt")!r})
+        d.shutdown()
+    """))
+    ids = _ids(n=4)
+    torch.save(ids, tmp_path / "ids.pt")
+    with socket.socket() as sock:  # a free port: concurrent test runs must not share a rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    proc = subprocess.run(torchrun + [str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two_ranks = torch.load(tmp_path / "bases.pt")
+    one_process = fisher_bases(tiny_model("mixtral"), ids, batch_size=1)
+    assert sorted(two_ranks) == sorted(one_process)
+    for layer, expected in one_process.items():
+        assert torch.equal(two_ranks[layer]["frequency"], expected["frequency"])
+        for p in PROJECTIONS:
+            assert torch.allclose(two_ranks[layer][p], expected[p], rtol=RTOL, atol=1e-7), (layer, p)

@@ -107,8 +107,9 @@ class StreamingLayers:
         return layer
 
     def load_original(self, index: int) -> nn.Module:
-        """Layer `index` with the source checkpoint's weights, even if a resumed run finished it
-        (for passes over the original model, e.g. D²-MoE's Fisher); give it back with `release`."""
+        """Layer `index` with the source checkpoint's weights, also when a resumed run finished it
+        (for passes over the original model before the layer loop, e.g. D²-MoE's Fisher, while
+        every layer still has the source's structure); give it back with `release`."""
         layer = decoder_layers(self.model)[index]
         self._load_into(layer, f"{LAYER_PREFIX}{index}.")
         self.reader.close()

@@ -211,7 +211,8 @@ def _backward_layer(layer, index, inputs: LayerFiles, grads, kwargs, params, pas
         out = torch.autograd.grad(y, wrt, grad_outputs=grads[b].to(y.device), allow_unused=True)
         for a, g in zip(acc, out):
             if g is not None:
-                a.add_(g.float().square())
+                g = g.float()
+                a.addcmul_(g, g)  # in place: no parameter-sized temporary for the square
         grads[b] = out[-1] if pass_down else None
         del x, y, out
     return acc
