@@ -4,6 +4,9 @@ Each run is a fresh subprocess so its peak RSS is its own. With `--offload` (the
 path) the 16-layer peak should stay within 15% of the 4-layer one; without it, it grows with depth.
 
     .venv/bin/python benchmarks/memory_depth.py [--hidden 512 --intermediate 1536 --method frequency]
+
+Any registered method works; `--method d2moe` also measures its Fisher pass (a forward and a
+backward walk over the original layers, one layer resident at a time).
 """
 
 from __future__ import annotations

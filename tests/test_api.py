@@ -21,10 +21,11 @@ def test_offload_auto_streams_a_model_directory_unless_the_method_needs_it_resid
     assert streamed.record["offload"] and next(streamed.model.model.layers.parameters()).is_meta
     with pytest.raises(RuntimeError, match="live on disk"):
         streamed.model(torch.zeros(1, 4, dtype=torch.long))
-    resident = moepress.compress(src, "d2moe", 0.5, base="freq", **kwargs)  # declares requires_resident_model
+    # MoE-I²'s default allocation compares every layer's experts at once: it needs the resident model
+    resident = moepress.compress(src, "moe_i2", 0.5, **kwargs)
     assert not resident.record["offload"]
     with pytest.raises(ConfigError, match="needs the whole model in memory"):
-        moepress.compress(src, "d2moe", 0.5, offload=True, **kwargs)
+        moepress.compress(src, "moe_i2", 0.5, offload=True, **kwargs)
     model, tokenizer = load_pretrained(src)
     with pytest.raises(ConfigError, match="local model directory"):
         moepress.compress(model, "frequency", 0.5, offload=True, tokenizer=tokenizer, **kwargs)

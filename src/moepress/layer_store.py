@@ -74,6 +74,14 @@ class InMemoryLayers:
         if self.device is not None:
             decoder_layers(self.model)[index].to("cpu")
 
+    def load_original(self, index: int) -> nn.Module:
+        """Layer `index` with its source weights (before the layer loop: the layer itself)."""
+        return self.onload(index)
+
+    def release(self, index: int) -> None:
+        """Put back a layer from `load_original` (nothing is written)."""
+        self.offload(index)
+
 
 class StreamingLayers:
     """Layer store over a source checkpoint; finished layers go to `work_dir` as one shard each.
@@ -141,6 +149,20 @@ class StreamingLayers:
             self._load_into(layer, f"{LAYER_PREFIX}{index}.")
             self.reader.close()  # unmap what this layer touched
         return layer
+
+    def load_original(self, index: int) -> nn.Module:
+        """Layer `index` with the source checkpoint's weights, also when a resumed run finished it
+        (for passes over the original model before the layer loop, e.g. D²-MoE's Fisher, while
+        every layer still has the source's structure); give it back with `release`."""
+        layer = decoder_layers(self.model)[index]
+        self._load_into(layer, f"{LAYER_PREFIX}{index}.")
+        self.reader.close()
+        return layer
+
+    def release(self, index: int) -> None:
+        """Send a layer from `load_original` back to meta without writing a shard."""
+        decoder_layers(self.model)[index].to("meta")
+        release_freed_memory()
 
     def _restore_finished(self, layer: nn.Module, index: int) -> None:
         """Give layer `index` the structure it had when finished, then load its shard."""

@@ -1,7 +1,7 @@
 """The method interface and the registry (DESIGN.md §2 "methods: one package each").
 
 A method is a class with a typed config dataclass. The pipeline calls, in order:
-`prepare(model, calibration)` once (model-level statistics such as Fisher), then for every MoE
+`prepare(model, calibration, store)` once (model-level statistics such as Fisher), then for every MoE
 layer `compress_layer(ctx)` with the layer's calibration inputs, then `finalize(model)` once.
 
 The registry is peft-like: each package under `methods/` ends with one `register_method(...)`
@@ -113,8 +113,12 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def prepare(self, model: nn.Module, calibration) -> None:
-        """Model-level statistics before the layer loop (default: nothing)."""
+    def prepare(self, model: nn.Module, calibration, store=None) -> None:
+        """Model-level statistics before the layer loop (default: nothing).
+
+        store: the pipeline's layer store; `store.load_original(i)` / `store.release(i)` onload and
+        drop decoder layer i of the original model (whose layers may be on meta), so a pass over
+        the whole model can run one layer at a time."""
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         raise NotImplementedError

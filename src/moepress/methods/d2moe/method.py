@@ -40,7 +40,6 @@ class D2MoE(Method):
     config_class = D2MoEConfig
     export = "custom"
     needs = ("frequency", "expert_gram")
-    requires_resident_model = True  # the Fisher pass back-propagates through the whole model
 
     def __init__(self, config: D2MoEConfig):
         super().__init__(config)
@@ -48,12 +47,13 @@ class D2MoE(Method):
         self.delta_ratio: float | None = None
 
     # ------------------------------------------------------------------ model level
-    def prepare(self, model, calibration) -> None:
-        """Fisher-merged bases (base='fisher') and the whole-model delta_ratio (ratio_mode='whole_model')."""
+    def prepare(self, model, calibration, store=None) -> None:
+        """Fisher-merged bases (base='fisher', layer by layer through `store`, see fisher.py) and the
+        whole-model delta_ratio (ratio_mode='whole_model')."""
         cfg = self.config
         if cfg.base == "fisher":
             ids = calibration_ids(calibration, cfg.fisher_samples)
-            self.fisher = fisher_bases(model, ids, cfg.fisher_batch_size, cfg.fisher_chunk_layers)
+            self.fisher = fisher_bases(model, ids, cfg.fisher_batch_size, store=store)
         if cfg.ratio_mode == "whole_model" and cfg.rank is None:
             self.delta_ratio = self._whole_model_delta_ratio(model)
 

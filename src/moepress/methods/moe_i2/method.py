@@ -73,7 +73,7 @@ class MoEI2(Method):
         self.layer_importance: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ model level: stage-1 counts
-    def prepare(self, model, calibration) -> None:
+    def prepare(self, model, calibration, store=None) -> None:
         cfg = self.config
         if cfg.layer_allocation != "importance":
             return
