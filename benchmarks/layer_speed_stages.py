@@ -392,4 +392,5 @@ def naee_stages(layer: Layer) -> list[Stage]:
     ]
 
 
-STAGES = (routing_stages, mergemoe_stages, full_solve_stages, d2moe_stages, naee_stages)
+STAGES = {"routing": routing_stages, "mergemoe": mergemoe_stages, "solve": full_solve_stages,
+          "d2moe": d2moe_stages, "naee": naee_stages}
