@@ -144,8 +144,9 @@ def parse_args(argv=None):
                         help="budget for D²-MoE's float64 Grams; the block is restricted to the experts that fit")
     parser.add_argument("--svd-experts", type=int, default=None, help="experts whitened + SVD'd (default 1 if I > 4096, else 8)")
     parser.add_argument("--naee-evaluations", type=int, default=32, help="NAEE candidate subsets evaluated")
-    parser.add_argument("--compare-pinv", choices=("auto", "yes", "no"), default="auto",
-                        help="also time the eigendecomposition pseudo-inverse at f×f (auto: when I <= 4096)")
+    parser.add_argument("--compare-old", dest="compare_old", choices=("auto", "yes", "no"), default="auto",
+                        help="also time the previous routes (eigh pseudo-inverse, eigh-clamp whitener, LAPACK SVD) "
+                             "on one expert (auto: when I <= 4096)")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma list of stage groups to run, in order (default all: {','.join(STAGES)})")
     parser.add_argument("--json", default=None, help="write all figures to this file")
