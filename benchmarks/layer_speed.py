@@ -114,8 +114,8 @@ def run_shape(shape: str, args) -> dict:
     dtypes = {args.torch_dtype, torch.float32, torch.float64}
     peaks = {str(d).removeprefix("torch."): gemm_peak(layer.view.hidden_size, d, args.device) for d in dtypes}
     stages = []
-    for stage in STAGES:
-        rows = stage(layer)
+    for group in args.stages.split(","):
+        rows = STAGES[group](layer)
         for row in rows:  # progress: the table comes once the shape is done
             print(f"  [{shape}] {row.name}: {row.seconds:.1f} s", file=sys.stderr, flush=True)
         stages.extend(rows)
@@ -144,13 +144,19 @@ def parse_args(argv=None):
                         help="budget for D²-MoE's float64 Grams; the block is restricted to the experts that fit")
     parser.add_argument("--svd-experts", type=int, default=None, help="experts whitened + SVD'd (default 1 if I > 4096, else 8)")
     parser.add_argument("--naee-evaluations", type=int, default=32, help="NAEE candidate subsets evaluated")
-    parser.add_argument("--compare-pinv", choices=("auto", "yes", "no"), default="auto",
-                        help="also time the eigendecomposition pseudo-inverse at f×f (auto: when I <= 4096)")
+    parser.add_argument("--compare-old", dest="compare_old", choices=("auto", "yes", "no"), default="auto",
+                        help="also time the previous routes (eigh pseudo-inverse, eigh-clamp whitener, LAPACK SVD) "
+                             "on one expert (auto: when I <= 4096)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma list of stage groups to run, in order (default all: {','.join(STAGES)})")
     parser.add_argument("--json", default=None, help="write all figures to this file")
     args = parser.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    unknown = [s for s in args.stages.split(",") if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage group(s) {unknown}; choose from {', '.join(STAGES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch here")
     args.torch_dtype = getattr(torch, args.dtype)

@@ -27,7 +27,7 @@ from moepress.ops.least_squares import (
     NormalEquations, RankDeficientWarning, fit_normal_equations, times_pseudo_inverse,
 )
 from moepress.ops.rank_allocation import MoELayerShape, rank_for_expert_ratio
-from moepress.ops.whitened_svd import activation_error, cholesky_whitener, whitened_svd
+from moepress.ops.whitened_svd import EIGEN_FLOOR, activation_error, cholesky_whitener, whitened_svd
 
 F64 = "float64"
 EIGH_FLOPS = 4  # ≈ 4n³ for eigh with vectors: tridiagonal reduction 4/3·n³ + vectors/back-transformation ≈ 8/3·n³
@@ -224,8 +224,7 @@ def full_solve_stages(layer: Layer) -> list[Stage]:
         solution = fit_normal_equations(cross, gram)
     rows = [_stage(f"LS solve f×f (f={i}, synthetic PD Gram)", m, {F64: i ** 3 / 3 + 2 * i * i * h + 32 * i * i},
                    "I³/3 (Cholesky) + 2·I²·H (solve) + 32·I² (eigenvalue check)", True, f"route: {solution.method}")]
-    compare = layer.args.compare_pinv
-    if compare == "yes" or (compare == "auto" and i <= 4096):
+    if _compare_old_routes(layer):
         with measured(layer) as m:
             times_pseudo_inverse(cross, gram)
         rows.append(_stage("  same by eigh pseudo-inverse (old route)", m, {F64: EIGH_FLOPS * i ** 3 + 4 * h * i * i},
@@ -302,6 +301,17 @@ def _full_rank_stand_in(gram: torch.Tensor, tokens: float) -> bool:
     return True
 
 
+def _compare_old_routes(layer: Layer) -> bool:
+    mode = layer.args.compare_old
+    return mode == "yes" or (mode == "auto" and layer.view.intermediate_size <= 4096)
+
+
+def _eigh_clamp_whitener(gram: torch.Tensor) -> torch.Tensor:
+    """The previous `cholesky_whitener` (eigendecomposition and clamp always), timed for comparison."""
+    evals, evecs = torch.linalg.eigh(gram)
+    return torch.linalg.cholesky((evecs * evals.clamp_min(EIGEN_FLOOR)) @ evecs.T)
+
+
 def _decompose_stages(layer: Layer, grams: dict, experts: int) -> list[Stage]:
     e, h, i, _, _ = layer.dims()
     v = layer.view
@@ -319,20 +329,39 @@ def _decompose_stages(layer: Layer, grams: dict, experts: int) -> list[Stage]:
             s_in, s_mid = cholesky_whitener(grams["input"][j]), cholesky_whitener(grams["intermediate"][j])
             whiteners[j] = {"gate": s_in, "up": s_in, "down": s_mid}
     note = "Gram + 1e-3·mean(diag)·I (t_j < n)" if stand_in else ""
-    rows = [_stage("D²-MoE whiteners (Cholesky)", m, {F64: experts * 2 * (h ** 3 + i ** 3) / 3},
-                   "per expert 2·(H³ + I³)/3 (G − floor·I test + factor)", True, f"{experts} expert(s); {note}")]
+    rows = [_stage("D²-MoE whiteners (Cholesky)", m, {F64: experts * ((h ** 3 + i ** 3) / 3 + 32 * (h * h + i * i))},
+                   "per expert (H³ + I³)/3 (factor) + 32·(H² + I²) (eigenvalue check)", True,
+                   f"{experts} expert(s); {note}")]
+    if _compare_old_routes(layer):
+        with measured(layer) as m:
+            for name in ("input", "intermediate"):
+                _eigh_clamp_whitener(grams[name][0])
+        rows.append(_stage("  same by eigh + clamp (old route)", m, {F64: (EIGH_FLOPS + 2 + 1 / 3) * (h ** 3 + i ** 3)},
+                           f"per expert ≈({EIGH_FLOPS} + 2 + 1/3)·(H³ + I³)", False, "1 expert, for comparison"))
+    deltas = {(j, p): w[j].double() - bases[p].double() for j in range(experts) for p, w in weights.items()}
+    rows += _svd_stages(layer, deltas, whiteners, grams, rank)
+    return rows
+
+
+def _svd_stages(layer: Layer, deltas: dict, whiteners: dict, grams: dict, rank: int) -> list[Stage]:
+    experts = len(whiteners)
     factors, svd_flops, err_flops = {}, 0.0, 0.0
     with measured(layer) as m:
-        for j in range(experts):
-            for p, w in weights.items():
-                delta = w[j].double() - bases[p].double()
-                factors[j, p] = (delta, whitened_svd(delta, whiteners[j][p], rank))
-                svd_flops += _svd_flops(*delta.shape, rank)
-    rows.append(_stage("D²-MoE whitened SVD (gate, up, down)", m, {F64: svd_flops},
-                       f"per projection 2·o·n² + 2·L·S² + {EIGH_FLOPS}·S³ + 2·L·S·r + n²·r (S/L = min/max(o, n))",
-                       True, f"{experts} expert(s), rank {rank}"))
+        for (j, p), delta in deltas.items():
+            factors[j, p] = whitened_svd(delta, whiteners[j][p], rank)
+            svd_flops += _svd_flops(*delta.shape, rank)
+    rows = [_stage("D²-MoE whitened SVD (gate, up, down)", m, {F64: svd_flops},
+                   f"per projection 2·o·n² + 2·L·S² + {EIGH_FLOPS}·S³ + 2·L·S·r + n²·r (S/L = min/max(o, n))",
+                   True, f"{experts} expert(s), rank {rank}")]
+    if _compare_old_routes(layer):
+        with measured(layer) as m:
+            for p in ("gate", "up", "down"):
+                torch.linalg.svd(deltas[0, p] @ whiteners[0][p], full_matrices=False)
+        rows.append(_stage("  same by LAPACK SVD (old route)", m, {}, "LAPACK gesdd, not counted", False,
+                           "1 expert, for comparison"))
     with measured(layer) as m:
-        for (j, p), (delta, (u, w)) in factors.items():
+        for (j, p), (u, w) in factors.items():
+            delta = deltas[j, p]
             gram = grams["intermediate" if p == "down" else "input"][j]
             activation_error(delta, u @ w, gram)
             activation_error(delta, torch.zeros_like(delta), gram)
@@ -392,4 +421,5 @@ def naee_stages(layer: Layer) -> list[Stage]:
     ]
 
 
-STAGES = (routing_stages, mergemoe_stages, full_solve_stages, d2moe_stages, naee_stages)
+STAGES = {"routing": routing_stages, "mergemoe": mergemoe_stages, "solve": full_solve_stages,
+          "d2moe": d2moe_stages, "naee": naee_stages}

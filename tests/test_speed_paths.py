@@ -112,6 +112,10 @@ def test_cholesky_whitener_fast_path_is_the_clamped_reference():
     reference = torch.linalg.cholesky((evecs * evals.clamp_min(EIGEN_FLOOR)) @ evecs.T)
     torch.testing.assert_close(cholesky_whitener(gram), reference, atol=1e-10, rtol=1e-10)
     assert torch.equal(cholesky_whitener(gram), torch.linalg.cholesky(gram))  # no eigh on this path
+    # eigenvalues just above the floor (inside the estimate's margin): proven by G − floor·I, no clamp
+    near = (evecs * torch.linspace(2, 5, 24, dtype=torch.float64) * EIGEN_FLOOR) @ evecs.T
+    near = (near + near.T) / 2
+    torch.testing.assert_close(cholesky_whitener(near), torch.linalg.cholesky(near), atol=0, rtol=0)
     # an eigenvalue under the floor takes the clamp: S Sᵀ has it raised to exactly the floor
     low = (evecs * evals.clamp_max(1e-7)) @ evecs.T
     s = cholesky_whitener(low)

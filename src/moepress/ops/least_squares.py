@@ -1,10 +1,11 @@
 """Least-squares refit of a down projection from accumulated normal equations (MergeMoE Eq. 5–6).
 
 Speed: the normal equations are solved by Cholesky (`n³/3` flops, BLAS-3) whenever the Gram is
-numerically positive definite; only then is the paper's pseudo-inverse the plain inverse. The
-pseudo-inverse through an eigendecomposition (`≈9n³` flops, half of it BLAS-2: ~30× slower at
-n = 14336) is the fallback, taken and recorded when the factorisation fails or the Gram is too close
-to singular. Every solve runs on the device and in the float64 of its inputs' accumulators.
+numerically positive definite well above the pseudo-inverse cutoff: then the paper's pseudo-inverse
+is the plain inverse. The pseudo-inverse through an eigendecomposition (≈4n³ flops, its tridiagonal
+reduction memory-bound; 16× the time of Cholesky + solve at n = 3584 in benchmarks/layer_speed.py)
+is the fallback, taken and recorded when the factorisation fails or the Gram is too close to
+singular. Everything runs on the device of its inputs.
 """
 
 from __future__ import annotations

@@ -9,18 +9,23 @@ factor (`G = S Sᵀ`), the rank-r `L` minimising the activation-weighted error
 
 `S⁻¹` is never formed: `ΔV` comes from a triangular solve.
 
-Speed (all float64, on the inputs' device): the whitener is a Cholesky factorisation, with the
-eigenvalue clamp (an eigendecomposition, ~30× the flops of Cholesky at n = 14336) only when the
-Gram has eigenvalues below the floor; the truncated SVD goes through the eigendecomposition of the
-smaller Gram of `ΔW S` (`truncated_svd_factors`), i.e. two GEMMs and one `min(out, in)`-sized eigh
-instead of a LAPACK SVD of the whole matrix (Mixtral gate/up: 4096² eigh instead of a 14336×4096 SVD).
+Speed (all float64, on the inputs' device): the whitener is one Cholesky factorisation, with the
+eigenvalue clamp (an eigendecomposition: ≈12× the time of this route per expert at H 1024,
+I 3584 in benchmarks/layer_speed.py) only when the Gram has eigenvalues below the floor; the
+truncated SVD goes through the eigendecomposition of the smaller Gram of `ΔW S`
+(`truncated_svd_factors`): two GEMMs and one `min(out, in)`-sized eigh instead of a LAPACK SVD of
+the whole matrix (Mixtral gate/up: a 4096² eigh instead of a 14336×4096 SVD; ≈2.4× faster there).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .least_squares import smallest_eigenvalue_estimate
+
 EIGEN_FLOOR = 1e-5  # the released D²-MoE code's clamp
+# The estimate is an upper bound on λmin: a factor of 10 above the floor leaves room for its error.
+WHITENER_MARGIN = 10.0
 
 
 def cholesky_whitener(gram: torch.Tensor, floor: float = EIGEN_FLOOR) -> torch.Tensor:
@@ -31,23 +36,33 @@ def cholesky_whitener(gram: torch.Tensor, floor: float = EIGEN_FLOOR) -> torch.T
     clamps only when some eigenvalue is <= 0; we always clamp, which changes nothing for
     eigenvalues >= floor and avoids a near-singular `S` from tiny positive ones.
 
-    When `G − floor·I` has a Cholesky factorisation every eigenvalue already exceeds `floor`, the
-    clamp is the identity and `S = cholesky(G)` directly (two O(n³/3) factorisations, no eigh).
+    The clamp is the identity when every eigenvalue exceeds `floor`; then `S = cholesky(G)` with no
+    eigendecomposition. That is known from the factor itself when its smallest-eigenvalue estimate
+    (`smallest_eigenvalue_estimate`, O(n²)) clears `WHITENER_MARGIN·floor`, else proven by a
+    factorisation of `G − floor·I`; only when that fails is the eigenvalue clamp computed.
     """
     g = gram.double()
     g = g + g.T
     g.mul_(0.5)
-    shifted = g.clone()
-    shifted.diagonal().sub_(floor)
-    clears_floor = int(torch.linalg.cholesky_ex(shifted).info) == 0
-    del shifted  # n² float64 each: at I = 14336, 1.6 GB
-    if clears_floor:
-        factor, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0:
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        if smallest_eigenvalue_estimate(factor) > WHITENER_MARGIN * floor or _exceeds(g, floor):
             return factor
     evals, evecs = torch.linalg.eigh(g)
     g = (evecs * evals.clamp_min(floor)) @ evecs.T
     return torch.linalg.cholesky((g + g.T) / 2)
+
+
+def _exceeds(g: torch.Tensor, floor: float) -> bool:
+    """Whether `g − floor·I` is positive definite (Cholesky succeeds), i.e. every eigenvalue of g > floor.
+
+    Shifts the diagonal in place and restores it exactly: no second n×n copy (1.6 GB at n = 14336).
+    """
+    diagonal = g.diagonal().clone()
+    g.diagonal().sub_(floor)
+    ok = int(torch.linalg.cholesky_ex(g).info) == 0
+    g.diagonal().copy_(diagonal)
+    return ok
 
 
 def truncated_svd_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
