@@ -30,6 +30,8 @@ def custom_layers(model: nn.Module) -> dict[str, dict]:
         block = getattr(layer, "mlp", None)
         if getattr(block, "is_moepress_block", False):
             out[str(i)] = block.layer_config()
+            if getattr(block, "moepress_quant", None):  # quantized experts (moepress.quantize)
+                out[str(i)]["quant"] = block.moepress_quant
     return out
 
 

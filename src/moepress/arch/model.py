@@ -94,6 +94,8 @@ def parameter_counts(model: nn.Module) -> dict:
     Custom blocks (modeling/) expose `moepress_parameter_counts() -> (routed, active_routed, experts)`.
     """
     total = sum(p.numel() for p in model.parameters())
+    # weight-only quantized experts (modeling/moepress_quant.py) are buffers: count their values too
+    total += sum(m.shape.numel() for m in model.modules() if getattr(m, "is_quantized_weight", False))
     spec = family_of(model)
     routed = active_routed = 0
     per_layer = {}

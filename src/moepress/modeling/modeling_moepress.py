@@ -18,6 +18,7 @@ from .moepress_compressed import KINDS as _COMPRESSED_KINDS
 from .moepress_delta import KINDS as _DELTA_KINDS
 from .moepress_family import FAMILY_FACTS, family_facts
 from .moepress_lowrank import KINDS as _LOWRANK_KINDS
+from .moepress_quant import apply_quant_layout
 from .moepress_remap import KINDS as _REMAP_KINDS
 
 BLOCK_KINDS: dict[str, type[MoepressBlock]] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KINDS, **_LOWRANK_KINDS}
@@ -32,6 +33,8 @@ def install_moepress_blocks(model, config) -> None:
             raise ValueError(f"unknown moepress block kind {kind!r}; known: {sorted(BLOCK_KINDS)}")
         layer = model.model.layers[int(key)]
         layer.mlp = BLOCK_KINDS[kind].from_layer_config(layer.mlp, config, layer_cfg)
+        if layer_cfg.get("quant"):  # weight-only quantized experts (moepress_quant.py)
+            apply_quant_layout(layer.mlp, layer_cfg["quant"])
 
 
 def _with_moepress_blocks(base_name: str):
