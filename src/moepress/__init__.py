@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 import sys as _sys
 import types as _types
 
-_API_NAMES = ("CompressionResult", "compress", "load")
+_API_NAMES = ("CompressionResult", "compress", "load", "quantize")
 
 
 def evaluate(model, **kwargs):
@@ -53,4 +53,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'moepress' has no attribute {name!r}")
 
 
-__all__ = ["CompressionResult", "compress", "evaluate", "load", "methods"]
+__all__ = ["CompressionResult", "compress", "evaluate", "load", "methods", "quantize"]

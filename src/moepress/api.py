@@ -62,7 +62,8 @@ class CompressionResult:
         """
         if distributed.is_main_process():
             target = self._output(out, overwrite)
-            path = save_checkpoint(self.model, target, method_name=self.method.name, export=self.method.export,
+            export = "custom" if self.record.get("quantization") else self.method.export  # quantized experts
+            path = save_checkpoint(self.model, target, method_name=self.method.name, export=export,
                                    record=self.record, tokenizer=self.tokenizer, source=self.source,
                                    store=self.store, timed_stage="save")
         else:  # only rank 0 checks and writes: checking here would race with its writing
@@ -87,7 +88,7 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              batch_size: int = 8, tokenizer=None, dtype: torch.dtype | str = "auto",
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
              progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
-             **options) -> CompressionResult:
+             quantize: str | None = "none", **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -111,6 +112,11 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
             "float32" / "float16" / "bfloat16" / a torch dtype; recorded as `dtype` in moepress.json.
             The work itself (forwards, statistics, solves) runs in float32 whatever the source.
         log: optional `log(message)` for notices (a resumed run, a cleared work directory).
+        quantize: "none" (default), "int8" or "fp8": weight-only quantization of the routed experts after
+            compression (moepress/quantization.py: torchao numerics, one scale per output channel per
+            expert); the checkpoint is then a custom one (`trust_remote_code=True` for from_pretrained).
+            Quantizing needs the compressed model in memory: offload="auto" becomes resident, offload=True
+            is refused. Recorded as `quantization` in moepress.json (scheme, library + version, bytes).
         options: the method's own config fields.
     Under `torchrun` the calibration sequences are split across ranks and statistics summed
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
@@ -126,6 +132,9 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     if not distributed.is_main_process():
         progress = None  # one progress display per run, rank 0's
     method_obj = build_method(method, ratio=ratio, experts=experts, **options)
+    scheme = _quantize_scheme(quantize, offload)
+    if scheme is not None:
+        offload = False
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     target = check_output_dir(out, source, overwrite) if out is not None else None
     if isinstance(model, (str, Path)):
@@ -135,7 +144,18 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     work = _work_dir(offload, model, method_obj, target)
     with _drop_unused_work_dir(work):
         return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
-                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on)
+                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, scheme)
+
+
+def _quantize_scheme(quantize, offload) -> str | None:
+    """The quantization scheme of a compress call (None = none); checked before any work."""
+    from .quantization import check_scheme
+
+    scheme = check_scheme(quantize)
+    if scheme is not None and not (offload is False or (isinstance(offload, str) and offload == "auto")):
+        raise ConfigError("quantize needs the compressed model in memory: run it without offload "
+                          "(offload=False / --no-offload, or the default)")
+    return scheme
 
 
 @contextlib.contextmanager
@@ -152,7 +172,7 @@ def _drop_unused_work_dir(work: tuple[Path, bool] | None):
 
 def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
               batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
-              hidden_on: str) -> CompressionResult:
+              hidden_on: str, quantize: str | None = None) -> CompressionResult:
     """The body of `compress` once its arguments are checked (see there)."""
     model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
@@ -175,6 +195,13 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         _refuse_forward_on_disk_layers(model_obj)
     model_obj.to(out_dtype)
     model_obj.config.dtype = out_dtype
+    quantization = None
+    if quantize is not None:
+        from .quantization import quantize_experts
+
+        t0 = time.perf_counter()
+        quantization = quantize_experts(model_obj, quantize)
+        stages["quantize"] = stage_figures(t0)
     record = {
         "moepress_record": 1,
         "method": method_obj.name,
@@ -197,6 +224,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "device": str(compute_device),
         "world_size": distributed.world_size(),
     }
+    if quantization is not None:
+        record["quantization"] = quantization
     return CompressionResult(model_obj, tok, method_obj, records, record, source, store, target)
 
 
@@ -324,5 +353,12 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     return path
 
 
+def quantize(model, scheme: str = "int8", *, out=None, overwrite: bool = False, dtype="auto"):
+    """Quantization alone (no compression): see `moepress.quantization.quantize`."""
+    from .quantization import quantize as _quantize
+
+    return _quantize(model, scheme, out=out, overwrite=overwrite, dtype=dtype)
+
+
 __all__ = ["CompressionResult", "compress", "finetune_checkpoint", "load", "load_pretrained", "methods",
-           "read_record"]
+           "quantize", "read_record"]

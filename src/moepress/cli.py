@@ -24,6 +24,10 @@ from .zoo.cli import zoo_app
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Mixture-of-Experts LLMs and measure what it cost.")
 console = Console(stderr=True)
+QUANTIZE_CHOICES = ("none", "int8", "fp8")  # = moepress.quantization.CHOICES (not imported: no torch here)
+QUANTIZE_HELP = ("weight-only quantization of the routed experts after compression: none | int8 | fp8 "
+                 "(torchao; one scale per output channel per expert; the checkpoint then needs "
+                 "trust_remote_code=True with from_pretrained; implies --no-offload)")
 DTYPE_HELP = "dtype of the output / of evaluation: auto (the source's dtype) | float32 | float16 | bfloat16"
 
 
@@ -113,9 +117,11 @@ def compress(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
     hidden_on: str = typer.Option("auto", "--hidden-on", help="where calibration hidden states wait between "
                                   "layers: auto | cpu | device"),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     with _user_errors():
+        _check_quantize(quantize)
         checks.check_method_name(method)
         checks.check_ratio(ratio, experts)
         checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
@@ -127,12 +133,18 @@ def compress(
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
-                                     dtype, out, overwrite, offload, quiet, options, device, hidden_on)
+                                     dtype, out, overwrite, offload, quiet, options, device, hidden_on,
+                                     quantize=quantize)
     _print_result(result, path, method, model)
 
 
+def _check_quantize(scheme: str) -> None:
+    if scheme not in QUANTIZE_CHOICES:
+        raise checks.InputError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {scheme!r}")
+
+
 def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size, dtype, out, overwrite,
-                  offload, quiet, options, device, hidden_on):
+                  offload, quiet, options, device, hidden_on, quantize="none"):
     import moepress
     from moepress.devices import resolve_device
     from moepress.progress import layer_progress
@@ -144,7 +156,7 @@ def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, 
                                    seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
                                    dtype=dtype, offload="auto" if offload is None else offload, out=out,
                                    overwrite=overwrite, log=lambda message: console.print(message, soft_wrap=True),
-                                   device=device, hidden_on=hidden_on, **options)
+                                   device=device, hidden_on=hidden_on, quantize=quantize, **options)
     return result.save(), result
 
 
@@ -169,6 +181,34 @@ def _print_result(result, path: Path, method: str, model: str) -> None:
     Console().print(f"checkpoint: {path} ({result.record.get('dtype', '?')})")
     if result.method.next_step:
         Console().print(f"next: {result.method.next_step.format(path=path)}")
+
+
+@app.command("quantize")
+def quantize_command(
+    model: str = typer.Argument(..., help="model directory or hub id (uncompressed, or an unquantized moepress output)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
+    scheme: str = typer.Option("int8", "--scheme", help="int8 | fp8 (weight-only, routed experts only)"),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP + " (everything not quantized)"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+):
+    """Quantize MODEL's routed experts without compressing (quantization alone) and save the checkpoint."""
+    with _user_errors():
+        if scheme == "none":
+            raise checks.InputError("--scheme must be int8 or fp8 (quantize with none would copy the model)")
+        _check_quantize(scheme)
+        checks.check_dtype(dtype)
+        checks.check_model_source(model)
+        checks.check_output_dir(out, model, overwrite)
+        import moepress
+        from moepress.record import read_record
+
+        path = moepress.quantize(model, scheme, out=out, overwrite=overwrite, dtype=dtype)
+        entry = read_record(path)["quantization"]
+    Console().print(f"quantized {len(entry['layers'])} MoE layers' experts to {entry['storage_dtype']} "
+                    f"({entry['library']} {entry['library_version']}): expert bytes {entry['expert_bytes_before']:,} "
+                    f"-> {entry['expert_bytes_after']:,}, model bytes {entry['model_bytes_before']:,} -> "
+                    f"{entry['model_bytes_after']:,}")
+    Console().print(f"checkpoint: {path} (load: moepress.load, or from_pretrained(..., trust_remote_code=True))")
 
 
 @app.command("methods")
