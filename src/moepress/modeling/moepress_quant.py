@@ -22,6 +22,8 @@ Parameters into empty `QuantizedWeight`s of the same shapes before the checkpoin
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -36,11 +38,12 @@ _TORCHAO = None  # (dequantize_affine, _dequantize_affine_float8) once looked up
 def _torchao_functions():
     global _TORCHAO
     if _TORCHAO is None:
+        # torchao is optional here (a checkpoint must load with torch + transformers alone), hence
+        # importlib rather than an import statement; absent or broken, the torch formula is used.
         try:
-            from torchao.quantization.quant_primitives import _dequantize_affine_float8, dequantize_affine
-
-            _TORCHAO = (dequantize_affine, _dequantize_affine_float8)
-        except Exception:  # torchao absent or broken: the torch formula below is the same arithmetic
+            primitives = importlib.import_module("torchao.quantization.quant_primitives")
+            _TORCHAO = (primitives.dequantize_affine, primitives._dequantize_affine_float8)
+        except Exception:
             _TORCHAO = False
     return _TORCHAO
 
