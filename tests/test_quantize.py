@@ -18,7 +18,7 @@ import moepress
 from moepress.arch import decoder_layers, parameter_counts, tiny_model
 from moepress.checks import InputError
 from moepress.cli import app
-from moepress.modeling.moepress_quant import QuantizedWeight, dequantize
+from moepress.modeling.moepress_quant import SCHEMES, QuantizedWeight, dequantize
 from moepress.quantization import quantize_experts, quantize_tensor
 
 runner = CliRunner()
@@ -86,13 +86,14 @@ def test_model_to_dtype_keeps_fp8_storage():
 
 
 # ---------------------------------------------------------------- checkpoints that reload
-@pytest.mark.parametrize("family,method,scheme", [("mixtral", "reap", "int8"), ("gpt_oss", "average", "int8"),
-                                                  ("qwen2_moe", "mergemoe", "fp8")])
-def test_quantized_compressed_checkpoint_reloads_with_the_same_logits(family, method, scheme, calib_file,
+@pytest.mark.parametrize("family,method,scheme,options", [
+    ("mixtral", "reap", "int8", {}), ("gpt_oss", "average", "int8", {}), ("qwen2_moe", "mergemoe", "fp8", {}),
+    ("olmoe", "d2moe", "int8", {"base_prune": 0.2})])
+def test_quantized_compressed_checkpoint_reloads_with_the_same_logits(family, method, scheme, options, calib_file,
                                                                       tokenizer, tmp_path):
-    plain = _compress(family, method, calib_file, tokenizer)
+    plain = _compress(family, method, calib_file, tokenizer, **options)
     plain_path = plain.save(tmp_path / "plain")
-    result = _compress(family, method, calib_file, tokenizer, quantize=scheme)
+    result = _compress(family, method, calib_file, tokenizer, quantize=scheme, **options)
     path = result.save(tmp_path / "quant")
     expected = _logits(result.model)
     err = _rel(expected, _logits(plain.model))
@@ -103,16 +104,20 @@ def test_quantized_compressed_checkpoint_reloads_with_the_same_logits(family, me
     remote = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     for model in (loaded, remote):
         torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
-        weight = decoder_layers(model)[0].mlp.gate_up_proj
-        assert isinstance(weight.qdata, torch.Tensor) and weight.qdata.dtype == QuantizedWeight(
-            (1, 1, 1), scheme, -1).qdata.dtype
+        block = decoder_layers(model)[0].mlp
+        assert block.moepress_quant == decoder_layers(result.model)[0].mlp.moepress_quant
+        for name in block.moepress_quant["tensors"]:
+            weight = block._modules[name]
+            assert weight.is_quantized_weight and weight.qdata.dtype == SCHEMES[scheme]  # (remote: its own class)
+            assert name not in block.__dict__  # a dequantized copy lives only during a forward call
 
     # what is on disk: int8 / fp8 expert tensors, no full-precision copy, a smaller file
     dtypes = _stored_dtypes(path)
     want = {"int8": "I8", "fp8": "F8_E4M3"}[scheme]
     quantized = {k: v for k, v in dtypes.items() if k.endswith(".qdata")}
     assert quantized and set(quantized.values()) == {want}
-    assert not [k for k in dtypes if k.endswith(("mlp.gate_up_proj", "mlp.down_proj"))]
+    names = decoder_layers(result.model)[0].mlp.moepress_quant["tensors"]
+    assert not [k for k in dtypes if k.rsplit(".", 1)[-1] in names]  # no full-precision copy
     assert (path / "model.safetensors").stat().st_size < 0.75 * (plain_path / "model.safetensors").stat().st_size
 
     record = json.loads((path / "moepress.json").read_text())["quantization"]
@@ -162,9 +167,9 @@ def test_bad_quantize_requests_are_clear_errors(tiny_checkpoint, calib_file, tok
     quantized = moepress.quantize(tiny_model("mixtral"), "int8")
     with pytest.raises(InputError, match="already quantized"):
         quantize_experts(quantized, "int8")
-    delta = _compress("qwen2_moe", "d2moe", calib_file, tokenizer, base_prune=0.1).model
-    with pytest.raises(InputError, match="'delta' block"):
-        quantize_experts(delta, "fp8")
+    lowrank = _compress("qwen2_moe", "moe_i2", calib_file, tokenizer).model
+    with pytest.raises(InputError, match="'lowrank' block, which --quantize does not support"):
+        quantize_experts(lowrank, "fp8")
 
 
 # ---------------------------------------------------------------- shipped code stands alone

@@ -19,9 +19,11 @@ routes to). Attention, routers, shared experts, embeddings and the head stay in 
 The checkpoint is therefore always a custom (auto_map) one: `from_pretrained(out,
 trust_remote_code=True)` or `moepress.load(out)`.
 
-Supported blocks: stock MoE blocks of every family and the `remap` block (merging methods).
-The delta (D²-MoE), low-rank (MoE-I²) and compressed-experts blocks compute with whole factor
-tensors, not per expert: quantizing them is refused with a clear error.
+Supported blocks: stock MoE blocks of every family, the `remap` block (merging methods) and the
+`delta` block (D²-MoE: base and U/V factors, one scale per output row of each; dequantized whole
+once per forward, since the base serves every token). The low-rank (MoE-I²) and compressed-experts
+blocks are refused with a clear error (not done: their forwards would need the same treatment and
+tests).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 from .arch import decoder_layers, family_of
 from .arch.model import is_stock_moe_block
 from .checks import InputError
-from .modeling.moepress_quant import QUANTIZABLE, SCHEMES, QuantizedWeight, install_quantized
+from .modeling.moepress_quant import QUANTIZABLE, SCHEMES, QuantizedWeight, install_quantized, mark_quantized
 
 CHOICES = ("none", *SCHEMES)
 LIBRARY = "torchao"
@@ -146,9 +148,9 @@ def quantize_experts(model: nn.Module, scheme: str) -> dict:
                              f"quantize the unquantized model instead")
         if getattr(block, "is_moepress_block", False):
             if block.kind not in QUANTIZABLE:
-                raise InputError(f"layer {i} is a {block.kind!r} block, whose forward uses whole factor tensors; "
-                                 f"--quantize supports stock (pruned or uncompressed) and merged (remap) blocks: "
-                                 f"{', '.join(['stock', *QUANTIZABLE])}")
+                raise InputError(f"layer {i} is a {block.kind!r} block, which --quantize does not support; it "
+                                 f"supports stock (pruned or uncompressed), merged (remap) and D²-MoE (delta) "
+                                 f"blocks: {', '.join(['stock', *QUANTIZABLE])}")
             plan.append((i, layer, False))
         elif is_stock_moe_block(block, spec):
             plan.append((i, layer, True))
@@ -160,7 +162,8 @@ def quantize_experts(model: nn.Module, scheme: str) -> dict:
         if stock:
             layer.mlp = _stock_to_remap(layer.mlp, model.config)
         block = layer.mlp
-        input_dim = -2 if block.expert_format.interleaved else -1
+        # the remapped block keeps the family's layout (gpt-oss: [.., in, out]); delta tensors are [.., out, in]
+        input_dim = -2 if block.kind == "remap" and block.expert_format.interleaved else -1
         tensors = {}
         for name in QUANTIZABLE[block.kind]:
             param = getattr(block, name)
@@ -173,7 +176,7 @@ def quantize_experts(model: nn.Module, scheme: str) -> dict:
             expert_after += state_bytes(weight)
             install_quantized(block, name, weight)
             tensors[name] = input_dim
-        block.moepress_quant = {"scheme": scheme, "tensors": tensors}
+        mark_quantized(block, scheme, tensors)
         layers[str(i)] = {"block": "stock->remap" if stock else block.kind, "tensors": sorted(tensors)}
     return {
         "scheme": scheme,

@@ -29,8 +29,13 @@ from torch import nn
 
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
-# Block kind -> tensors quantized by default (their forward indexes them per expert).
-QUANTIZABLE = {"remap": ("gate_up_proj", "down_proj")}
+# Block kind -> the tensors quantized. The remapped block indexes its experts (`w[j]`): only the
+# experts a batch routes to are dequantized. The delta block (D²-MoE) multiplies whole tensors (the
+# shared base runs on every token, the factors are gathered per pair): its tensors are dequantized
+# whole once per forward call (`WHOLE_TENSOR_KINDS`, forward hooks), which the base needs anyway.
+QUANTIZABLE = {"remap": ("gate_up_proj", "down_proj"),
+               "delta": ("base_gate_up", "base_down", "gate_up_v", "gate_u", "up_u", "down_v", "down_u")}
+WHOLE_TENSOR_KINDS = ("delta",)
 
 _TORCHAO = None  # (dequantize_affine, _dequantize_affine_float8) once looked up; False when absent
 
@@ -102,6 +107,9 @@ class QuantizedWeight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.qdata, self.scale, self.input_dim)
 
+    def numel(self) -> int:
+        return self.qdata.numel()
+
     def _apply(self, fn, recurse=True):
         # `model.to(dtype)` converts every floating tensor, and float8 counts as floating: keep the
         # stored dtype (values survive the round trip: e4m3 is exact in fp16/bf16/fp32).
@@ -122,6 +130,27 @@ def install_quantized(block: nn.Module, name: str, weight: QuantizedWeight) -> N
     setattr(block, name, weight)
 
 
+def _materialise(block: nn.Module, args) -> None:
+    # An instance attribute shadows the submodule of the same name (nn.Module.__getattr__ is only
+    # the fallback), so the block's forward reads plain dequantized tensors under the usual names.
+    for name in block.moepress_quant["tensors"]:
+        block.__dict__[name] = block._modules[name].dequantize()
+
+
+def _release(block: nn.Module, args, output) -> None:
+    for name in block.moepress_quant["tensors"]:
+        block.__dict__.pop(name, None)
+
+
+def mark_quantized(block: nn.Module, scheme: str, tensors: dict) -> None:
+    """Record which tensors of `block` are quantized (`layer_config()["quant"]` on export) and, for a
+    block whose forward uses whole tensors, dequantize them around each forward call."""
+    block.moepress_quant = {"scheme": scheme, "tensors": dict(tensors)}
+    if block.kind in WHOLE_TENSOR_KINDS and not getattr(block, "_moepress_quant_hooks", None):
+        block._moepress_quant_hooks = (block.register_forward_pre_hook(_materialise),
+                                       block.register_forward_hook(_release, always_call=True))
+
+
 def apply_quant_layout(block: nn.Module, quant: dict) -> None:
     """Replace the tensors named in `quant["tensors"]` by empty `QuantizedWeight`s of their shapes
     (the checkpoint is then read into them)."""
@@ -129,4 +158,4 @@ def apply_quant_layout(block: nn.Module, quant: dict) -> None:
     for name, input_dim in quant["tensors"].items():
         param = getattr(block, name)
         install_quantized(block, name, QuantizedWeight(param.shape, scheme, input_dim, param.dtype))
-    block.moepress_quant = {"scheme": scheme, "tensors": dict(quant["tensors"])}
+    mark_quantized(block, scheme, quant["tensors"])
