@@ -122,6 +122,7 @@ def test_quantized_compressed_checkpoint_reloads_with_the_same_logits(family, me
 
     record = json.loads((path / "moepress.json").read_text())["quantization"]
     assert record["scheme"] == scheme and record["library"] == "torchao" and record["library_version"] == "0.18.0"
+    assert json.loads((path / "moepress.json").read_text())["export"] == "custom"
     assert record["expert_bytes_after"] < record["expert_bytes_before"] / 3
     assert parameter_counts(result.model) == parameter_counts(plain.model)  # the same parameters, fewer bits
 
@@ -138,8 +139,15 @@ def test_compress_quantize_equals_quantizing_the_compressed_checkpoint(calib_fil
             assert torch.equal(getattr(a.mlp, name).scale, getattr(b.mlp, name).scale)
 
 
-def test_quantization_alone_via_the_cli(tiny_checkpoint, tmp_path):
+def test_the_cli_quantizes_after_compression_and_alone(tiny_checkpoint, calib_file, tmp_path):
     src = tiny_checkpoint("olmoe")
+    res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--calib", str(calib_file),
+                              "--samples", "4", "--seq-len", "24", "--quantize", "fp8", "--out", str(tmp_path / "c"),
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "experts quantized to float8_e4m3fn" in " ".join(res.output.split())
+    assert set(_stored_dtypes(tmp_path / "c").values()) >= {"F8_E4M3"}
+    assert not (tmp_path / ".c.work").exists()  # --quantize runs resident
     out = tmp_path / "q"
     res = runner.invoke(app, ["quantize", str(src), "--out", str(out), "--scheme", "int8"])
     assert res.exit_code == 0, res.output

@@ -226,6 +226,7 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
     }
     if quantization is not None:
         record["quantization"] = quantization
+        record["export"] = "custom"  # quantized experts live in moepress blocks (auto_map)
     return CompressionResult(model_obj, tok, method_obj, records, record, source, store, target)
 
 

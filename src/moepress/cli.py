@@ -179,6 +179,11 @@ def _print_result(result, path: Path, method: str, model: str) -> None:
         table.add_row(name, f"{c['total']:,}", f"{c['routed_experts']:,}", f"{c['active_per_token']:,}")
     Console().print(table)
     Console().print(f"checkpoint: {path} ({result.record.get('dtype', '?')})")
+    quant = result.record.get("quantization")
+    if quant:
+        Console().print(f"experts quantized to {quant['storage_dtype']} ({quant['library']} {quant['library_version']}): "
+                        f"expert bytes {quant['expert_bytes_before']:,} -> {quant['expert_bytes_after']:,}; load with "
+                        f"moepress.load or from_pretrained(..., trust_remote_code=True)")
     if result.method.next_step:
         Console().print(f"next: {result.method.next_step.format(path=path)}")
 
