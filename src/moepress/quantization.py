@@ -198,7 +198,8 @@ def quantize(model, scheme: str = "int8", *, out: str | Path | None = None, over
     """Quantization alone: quantize the routed experts of a model (path, hub id or model object; an
     uncompressed model or an unquantized moepress output) and, with `out`, save the checkpoint.
 
-    Returns the checkpoint directory when `out` is given, else the quantized model (in memory).
+    Returns the checkpoint directory when `out` is given, else the quantized model (in memory; a model
+    object given is quantized in place, as `compress` edits one in place).
     `dtype` is the dtype of everything left in full precision ("auto" = the source's own).
     """
     from .export import check_output_dir, save_checkpoint
