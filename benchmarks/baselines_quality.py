@@ -107,7 +107,7 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     result = moepress.compress(str(path), name, ratio, samples=args.samples, seq_len=args.seq_len,
-                                               seed=0, **options)
+                                               seed=0, offload=False, **options)  # evaluated in memory
             except Exception as exc:  # one failing method must not hide the others
                 print(f"{ratio:>5.2f} {spec:>34} FAILED: {type(exc).__name__}: {exc}")
                 continue

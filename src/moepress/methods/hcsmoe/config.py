@@ -8,6 +8,7 @@ from ..merging_common import MergingConfig
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
 CLUSTERINGS = ("hierarchical", "kmeans")
+PROPAGATIONS = ("original", "compressed")
 
 
 @dataclass
@@ -19,6 +20,9 @@ class HCSMoEConfig(MergingConfig):
     metric: str = field(default="euclidean", metadata={
         "help": "distance between expert-output features: euclidean (the authors' code) | cosine"})
     merge: str = field(default="frequency", metadata={"help": "within-cluster weights: frequency|uniform"})
+    propagation: str = field(default="original", metadata={
+        "help": "states the statistics of each layer come from: original (the unmerged model's, as the "
+                "authors' code gathers them in one forward pass) | compressed (through the merged layers)"})
     kmeans_seed: int = field(default=0, metadata={"help": "seed of the k-means++ draws (cluster=kmeans); layer i uses kmeans_seed + i"})
 
     def __post_init__(self):
@@ -33,5 +37,7 @@ class HCSMoEConfig(MergingConfig):
             raise ConfigError("linkage='ward' needs metric='euclidean' (Ward's criterion is a Euclidean variance)")
         if self.cluster == "kmeans" and self.metric != "euclidean":
             raise ConfigError("cluster='kmeans' is Euclidean (as in the authors' code); use metric='euclidean'")
+        if self.propagation not in PROPAGATIONS:
+            raise ConfigError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}")
         if self.merge not in ("frequency", "uniform"):
             raise ConfigError(f"merge must be 'frequency' or 'uniform', got {self.merge!r}")

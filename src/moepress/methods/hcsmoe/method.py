@@ -61,6 +61,10 @@ class HCSMoE(MergingMethod):
     config_class = HCSMoEConfig
     needs = ("frequency", "expert_output_mean")
 
+    def __init__(self, config: HCSMoEConfig):
+        super().__init__(config)
+        self.propagation = config.propagation  # read by the pipeline (Method.propagation)
+
     def group(self, features: torch.Tensor, m: int, position: int) -> torch.Tensor:
         """The expert map `[N]` of this layer's M groups."""
         cfg = self.config
