@@ -226,3 +226,18 @@ def test_config_errors_are_for_people():
         build_method("hcsmoe", ratio=0.5, cluster="hirarchical")
     with pytest.raises(ConfigError, match="metric must be one of"):
         build_method("hcsmoe", ratio=0.5, metric="l1")
+
+
+def test_streamed_run_equals_the_in_memory_run(tiny_checkpoint, calib_file, tmp_path):
+    """Bounded memory (`offload`): the original-model states are computed from the onloaded layer
+    before it is compressed, as in memory; the record says which propagation was used."""
+    path = str(tiny_checkpoint("mixtral"))
+    settings = dict(experts=4, calib=calib_file, samples=4, seq_len=32)
+    resident = moepress.compress(path, "hcsmoe", offload=False, **settings)
+    streamed = moepress.compress(path, "hcsmoe", offload=tmp_path / "work", **settings)
+    assert resident.record["propagation"] == streamed.record["propagation"] == "original"
+    for i, record in resident.records.items():
+        assert streamed.records[i]["groups"] == record["groups"]
+        assert streamed.records[i]["merge_weights"] == pytest.approx(record["merge_weights"], abs=1e-6)
+    compressed = moepress.compress(path, "hcsmoe", offload=False, propagation="compressed", **settings)
+    assert compressed.record["propagation"] == "compressed"
