@@ -8,7 +8,7 @@ calibration tokens, so the rows store matched routed-expert parameters: pruning/
 round(N·(1 − ratio)) experts, MoE-I² and D²-MoE spend the same budget on experts + low-rank
 factors, MoE-Pruner keeps every expert and zeroes weights (its `stored` column counts non-zeros;
 dense storage is unchanged without a sparse format). A method may carry options after a colon,
-`name:opt=value;opt=value` (e.g. `hcsmoe:metric=cosine`, `hcsmoe:cluster=kmeans;seed=1`).
+`name:opt=value;opt=value` (e.g. `hcsmoe:kmeans_seed=1`, `hcsmoe:cluster=hierarchical;metric=cosine`).
 Printed per row: stored routed parameters, held-out perplexity (geometric mean over the zoo's
 held-out domains, the first --eval-chars characters of each), next-chunk multiple-choice accuracy
 and compression seconds; --verbose adds HC-SMoE cluster sizes and MoE-I² expert counts per layer.
