@@ -45,7 +45,9 @@ Remaining differences from the authors' run, and why:
   through `_standardize`'s global minimum, and the run then stops with an error at the
   centre-expert step; ours keeps the previous centre and always returns M groups (ops/kmeans.py),
   so it only differs on runs theirs cannot finish.
-- Frequencies use the model's own top-k (theirs hard-code 2: the same for top-2 Mixtral).
+- Frequencies use the model's own top-k; theirs hard-code `topk(router_logits, 2)` in both
+  `grouping_mixtral.py` and `grouping_qwen.py` (the same for top-2 Mixtral; for top-4
+  Qwen1.5-MoE theirs counts only each token's first two experts).
   Features are averaged in float64; theirs average bf16 outputs in float32 clustering.
 - A group none of whose members was ever routed on the calibration set: theirs divides by
   `0 + FP32_EPS` and gets an all-zero expert; ours averages its members uniformly.
