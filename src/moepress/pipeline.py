@@ -7,7 +7,8 @@ inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_s
 through the original model instead — ALGORITHMS.md §6 asks us to record which: moepress.json
 records `propagation`). A method with `propagation = "original"` (HC-SMoE, as its authors gather
 statistics) gets each MoE layer's output computed before the layer is compressed, so every layer's
-statistics come from the source model's states.
+statistics come from the source model's states (a second copy of the hidden states is held while
+the layer is compressed; no extra forward).
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
 inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
