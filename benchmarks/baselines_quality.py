@@ -8,7 +8,7 @@ calibration tokens, so the rows store matched routed-expert parameters: pruning/
 round(N·(1 − ratio)) experts, MoE-I² and D²-MoE spend the same budget on experts + low-rank
 factors, MoE-Pruner keeps every expert and zeroes weights (its `stored` column counts non-zeros;
 dense storage is unchanged without a sparse format). A method may carry options after a colon,
-`name:opt=value;opt=value` (e.g. `hcsmoe:metric=cosine`, `hcsmoe:cluster=kmeans;seed=1`).
+`name:opt=value;opt=value` (e.g. `hcsmoe:kmeans_seed=1`, `hcsmoe:cluster=hierarchical;metric=cosine`).
 Printed per row: stored routed parameters, held-out perplexity (geometric mean over the zoo's
 held-out domains, the first --eval-chars characters of each), next-chunk multiple-choice accuracy
 and compression seconds; --verbose adds HC-SMoE cluster sizes and MoE-I² expert counts per layer.
@@ -107,7 +107,7 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     result = moepress.compress(str(path), name, ratio, samples=args.samples, seq_len=args.seq_len,
-                                               seed=0, **options)
+                                               seed=0, offload=False, **options)  # evaluated in memory
             except Exception as exc:  # one failing method must not hide the others
                 print(f"{ratio:>5.2f} {spec:>34} FAILED: {type(exc).__name__}: {exc}")
                 continue

@@ -214,7 +214,7 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "dtype": dtype_name(out_dtype),
         "compute_dtype": "float32",
         "batch_size": batch_size,
-        "propagation": "compressed" if calibration is not None else "none",
+        "propagation": method_obj.propagation if calibration is not None else "none",
         "layers": {str(k): v for k, v in records.items()},
         "parameters": {"before": before, "after": parameter_counts(model_obj)},
         "versions": library_versions(),

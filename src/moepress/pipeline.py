@@ -4,8 +4,11 @@ Calibration hidden states are captured at the input of decoder layer 0, then eve
 on them in turn. At an MoE layer the block's inputs (post-attention-norm hidden states) are
 collected, the method compresses the block, and the *compressed* layer produces the next layer's
 inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_scale.py` propagates
-through the original model instead — ALGORITHMS.md §6 asks us to record which: we record
-`propagation: "compressed"` in moepress.json).
+through the original model instead — ALGORITHMS.md §6 asks us to record which: moepress.json
+records `propagation`). A method with `propagation = "original"` (HC-SMoE, as its authors gather
+statistics) gets each MoE layer's output computed before the layer is compressed, so every layer's
+statistics come from the source model's states (a second copy of the hidden states is held while
+the layer is compressed; no extra forward).
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
 inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
@@ -183,13 +186,18 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.")
         layer = _onto(layer, device)
         finished = store.finished(i)
+        original_out = None  # this layer's output before compression (propagation "original")
         if finished is not None:  # resumed: this layer was compressed by an interrupted run
             records[i] = {**finished, "resumed": True}
+            if method.propagation == "original":  # its source weights are gone: say so in the record
+                records[i]["propagated_through"] = "compressed (resumed layer)"
         elif i in moe:
+            if propagate and method.propagation == "original":
+                original_out = run_layer(layer, i, hidden, kwargs, device)
             records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device)
             layer = _onto(layer, device)  # a new block may have been built elsewhere
         if propagate:
-            hidden = run_layer(layer, i, hidden, kwargs, device)
+            hidden = original_out if original_out is not None else run_layer(layer, i, hidden, kwargs, device)
             check_finite_hidden(hidden, i)
         if i in records and finished is None:
             _synchronize(device)

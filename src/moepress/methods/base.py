@@ -107,6 +107,11 @@ class Method:
     # propagation of hidden states are needed (the pipeline only visits the MoE layers).
     needs_calibration: ClassVar[bool] = True
     requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
+    # Which layers the calibration states pass through on their way to the next MoE layer:
+    # "compressed" (the layers already compressed; NAEE-style sequential) or "original" (the source
+    # model's layers, as methods that gather every layer's statistics in one forward pass of the
+    # unmodified model, e.g. HC-SMoE's released code). A method may set it per instance.
+    propagation: ClassVar[str] = "compressed"
     # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
 

@@ -83,7 +83,7 @@ def hierarchical_grouping(features: torch.Tensor, num_groups: int, linkage: str 
         return torch.arange(n)
     if num_groups == 1:
         return torch.zeros(n, dtype=torch.long)
-    f = features.double().flatten(1).numpy()
+    f = features.detach().double().flatten(1).cpu().numpy()  # [N, D] features from any device
     tree = scipy_linkage(f, method=linkage, metric=metric)
     # cut_tree gives exactly M clusters even when merge heights tie (e.g. identical experts)
     labels = cut_tree(tree, n_clusters=num_groups)[:, 0]

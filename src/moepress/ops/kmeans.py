@@ -13,9 +13,13 @@ falls through to its K-means branch. That branch is (read in `hcsmoe/merging/clu
 
 The standardisation means an expert joins the centre it is *relatively* closest to (compared with
 the other experts), not the nearest one: it is what their scripts run, kept here on purpose.
-Deviation: an emptied cluster keeps its previous centre (theirs turns into NaN); if clusters are
-still empty at the end, each takes the expert closest to its centre from a cluster with more than
-one member, so exactly M groups always come out.
+Deviation: an emptied cluster keeps its previous centre; if clusters are still empty at the end,
+each takes the expert closest to its centre from a cluster with more than one member, so exactly M
+groups always come out. Theirs turns an emptied cluster's centre into NaN (mean of no rows), which
+`_standardize`'s global minimum spreads to every distance; the run then stops with an error when it
+looks for the expert nearest each cluster's centre. So the two differ only on draws theirs cannot
+finish. (Their distances are also divided by the feature dimension and shifted by their minimum:
+neither changes the argmin, so neither is reproduced.)
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def standardised_kmeans_grouping(features: torch.Tensor, num_groups: int, seed: 
         return torch.arange(n)
     if num_groups == 1:
         return torch.zeros(n, dtype=torch.long)
-    x = features.double().flatten(1)
+    x = features.detach().double().flatten(1).cpu()  # [N, D]: a CPU decision (the generator is a CPU one)
     generator = torch.Generator().manual_seed(int(seed))
     centres = x[kmeans_plus_plus_centres(x, num_groups, generator)]
     labels = standardised_assignment(x, centres)

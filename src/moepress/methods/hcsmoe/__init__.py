@@ -1,4 +1,4 @@
-"""`hcsmoe`: HC-SMoE — hierarchical clustering on expert outputs, frequency-weighted merge."""
+"""`hcsmoe`: HC-SMoE — clustering of expert outputs (as its authors run it), frequency-weighted merge."""
 
 from ..base import register_method
 from .method import HCSMoE

@@ -8,18 +8,28 @@ from ..merging_common import MergingConfig
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
 CLUSTERINGS = ("hierarchical", "kmeans")
+PROPAGATIONS = ("original", "compressed")
 
 
 @dataclass
 class HCSMoEConfig(MergingConfig):
-    cluster: str = field(default="hierarchical", metadata={
-        "help": "hierarchical: agglomerative clustering (the paper); kmeans: the standardised K-means "
-                "that HC-SMoE's released run scripts execute (their --cluster value is misspelt)"})
-    linkage: str = field(default="average", metadata={"help": "agglomerative linkage: average|single|complete|ward"})
+    cluster: str = field(default="kmeans", metadata={
+        "help": "kmeans (default): the standardised K-means the authors' code runs by default and their "
+                "released scripts execute (their --cluster value is misspelt); hierarchical: agglomerative "
+                "clustering as the paper describes it (uses linkage and metric)"})
+    linkage: str = field(default="average", metadata={
+        "help": "agglomerative linkage (cluster=hierarchical): average (the authors' scripts) | single | "
+                "complete | ward"})
     metric: str = field(default="euclidean", metadata={
-        "help": "distance between expert-output features: euclidean (the authors' code) | cosine"})
+        "help": "distance between expert-output features (cluster=hierarchical): euclidean (the authors' "
+                "code) | cosine"})
     merge: str = field(default="frequency", metadata={"help": "within-cluster weights: frequency|uniform"})
-    kmeans_seed: int = field(default=0, metadata={"help": "seed of the k-means++ draws (cluster=kmeans); layer i uses kmeans_seed + i"})
+    propagation: str = field(default="original", metadata={
+        "help": "states the statistics of each layer come from: original (the unmerged model's, as the "
+                "authors' code gathers them in one forward pass) | compressed (through the merged layers)"})
+    kmeans_seed: int = field(default=0, metadata={
+        "help": "seed of the k-means++ draws (cluster=kmeans); MoE layer i uses kmeans_seed + i. The result "
+                "depends on it (one draw per layer, as in the authors' code)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -32,6 +42,12 @@ class HCSMoEConfig(MergingConfig):
         if self.linkage == "ward" and self.metric != "euclidean":
             raise ConfigError("linkage='ward' needs metric='euclidean' (Ward's criterion is a Euclidean variance)")
         if self.cluster == "kmeans" and self.metric != "euclidean":
-            raise ConfigError("cluster='kmeans' is Euclidean (as in the authors' code); use metric='euclidean'")
+            raise ConfigError(f"metric={self.metric!r} applies to cluster='hierarchical'; the default K-means is "
+                              f"Euclidean (as in the authors' code): add cluster='hierarchical' or drop metric")
+        if self.cluster == "kmeans" and self.linkage != "average":
+            raise ConfigError(f"linkage={self.linkage!r} applies to cluster='hierarchical' (the default is K-means, "
+                              f"which has no linkage): add cluster='hierarchical' or drop linkage")
+        if self.propagation not in PROPAGATIONS:
+            raise ConfigError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}")
         if self.merge not in ("frequency", "uniform"):
             raise ConfigError(f"merge must be 'frequency' or 'uniform', got {self.merge!r}")
