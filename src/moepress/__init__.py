@@ -8,8 +8,23 @@ The names are resolved on first use (PEP 562), so `import moepress.cli` stays fr
 
 __version__ = "0.1.0"
 
+import logging as _logging
 import sys as _sys
 import types as _types
+
+
+def _quiet_optional_dependency_noise() -> None:
+    """transformers imports torchao (the `quant` extra) on every `from_pretrained` once it is installed;
+    on a CPU build torchao then warns that its CUDA kernels did not load, and torch warns about two of
+    its enums. Neither matters to moepress (its int8/fp8 numerics are torchao's pure-torch primitives),
+    so those two loggers are raised to ERROR unless the user has configured them."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = _logging.getLogger(name)
+        if logger.level == _logging.NOTSET:
+            logger.setLevel(_logging.ERROR)
+
+
+_quiet_optional_dependency_noise()
 
 _API_NAMES = ("CompressionResult", "compress", "load", "quantize")
 
