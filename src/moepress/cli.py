@@ -113,6 +113,13 @@ def compress(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
     hidden_on: str = typer.Option("auto", "--hidden-on", help="where calibration hidden states wait between "
                                   "layers: auto | cpu | device"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="compress only these decoder layers (MoE ones), "
+                                         "e.g. 12-47 or 0,2,4; the others stay bit-identical; --ratio/--experts then "
+                                         "apply within them"),
+    budget: str = typer.Option("uniform", "--budget", help="uniform: every layer keeps the same count; auto "
+                               "(pruning/merging): the same total spread by each layer's measured sensitivity"),
+    budget_floor: Optional[int] = typer.Option(None, "--budget-floor", help="fewest experts --budget auto leaves "
+                                               "a layer (default max(top-k, ceil(N/4)))"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     with _user_errors():
@@ -123,7 +130,13 @@ def compress(
         checks.check_model_source(model)
         checks.check_output_dir(out, model, overwrite)
         checks.check_calibration_source(calib)
+        from .layer_plan import check_budget, parse_layer_spec
+
+        if layers is not None:
+            parse_layer_spec(layers)
+        check_budget(budget, budget_floor)
         options = _parse_opts(opt, recipe)
+        options.update(layers=layers, budget=budget, budget_floor=budget_floor)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
