@@ -188,3 +188,28 @@ def test_offloaded_run_with_auto_budget(tiny_checkpoint, calib_file, tmp_path):
     assert sum(counts.values()) == 8
     model = moepress.load(out)
     assert {v.layer_index: v.num_experts for v in moe_layer_views(model)} == counts
+
+
+def test_cli_layers_and_budget(tiny_checkpoint, calib_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from moepress.cli import app
+
+    runner = CliRunner()
+    src = str(tiny_checkpoint("olmoe"))
+    base = ["compress", src, "-m", "frequency", "--ratio", "0.5", "--calib", str(calib_file), "--samples", "4",
+            "--seq-len", "24", "--quiet"]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--layers", "1-0"])
+    assert res.exit_code == 2 and "runs backwards" in res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--budget", "smart"])
+    assert res.exit_code == 2 and "--budget must be one of uniform, auto" in res.output
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--layers", "7"])
+    assert res.exit_code == 2 and "its MoE layers are 0-1" in " ".join(res.output.split())
+    out = tmp_path / "o"
+    res = runner.invoke(app, base + ["--out", str(out), "--layers", "1", "--budget", "uniform"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "moepress.json").read_text())
+    assert record["layer_selection"]["layers"] == [1] and record["budget"]["experts"] == {"1": 4}
+    assert record["export"] == "custom" and record["parameters"]["after"]["experts_per_layer"] == {"0": 8, "1": 4}
+    model = moepress.load(out)
+    assert [v.num_experts for v in moe_layer_views(model)] == [8, 4]
