@@ -26,7 +26,7 @@ from . import distributed
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
 from .devices import resolve_device
-from .export import OutputDir, check_output_dir, save_checkpoint
+from .export import OutputDir, check_output_dir, custom_layers, save_checkpoint
 from .loading import check_model_files, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
 from .methods import ConfigError, Method, build_method
 from .layer_plan import build_plan, check_budget, check_method_plan, selection_record
@@ -337,7 +337,7 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     record["dtype"] = dtype_name(out_dtype)
     model.to(out_dtype)
     model.config.dtype = out_dtype
-    custom = any(getattr(m, "is_moepress_block", False) for m in model.modules())
+    custom = bool(custom_layers(model))  # custom blocks, or stock blocks with per-layer expert counts
     path = save_checkpoint(model, target, method_name=record.get("method", "finetune"),
                            export="custom" if custom else "stock", record=record, tokenizer=tokenizer)
     plot_losses(result.losses, path / "loss.png")
