@@ -213,3 +213,17 @@ def test_cli_layers_and_budget(tiny_checkpoint, calib_file, tmp_path):
     assert record["export"] == "custom" and record["parameters"]["after"]["experts_per_layer"] == {"0": 8, "1": 4}
     model = moepress.load(out)
     assert [v.num_experts for v in moe_layer_views(model)] == [8, 4]
+
+
+def test_layers_with_auto_budget_spread_only_over_the_selected_layers(tokenizer, calib_file):
+    model = tiny_model("olmoe", num_layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _compress(model, "reap", tokenizer, calib_file, layers="1-2", budget="auto", budget_floor=2)
+    counts = {int(k): v for k, v in result.record["budget"]["experts"].items()}
+    assert set(counts) == {1, 2} and sum(counts.values()) == 8
+    assert set(result.record["budget"]["sensitivity"]) == {"1", "2"}
+    after = result.model.state_dict()
+    for k in before:
+        if k.startswith(("model.layers.0.", "model.layers.3.")):
+            assert torch.equal(before[k], after[k]), k
+    assert result.record["parameters"]["after"]["experts_per_layer"] == {0: 8, 1: counts[1], 2: counts[2], 3: 8}
