@@ -94,7 +94,8 @@ def compress(
     model: str = typer.Argument(..., help="model directory or hub id"),
     method: str = typer.Option(..., "--method", "-m", help="registry name (see `moepress methods`)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
-    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1)"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1) "
+                                          "(of the --layers layers when given)"),
     experts: Optional[int] = typer.Option(None, help="routed experts kept per layer (replaces --ratio)"),
     calib: Optional[str] = typer.Option(None, help="calibration file, folder, jsonl or saved dataset"),
     samples: int = typer.Option(128, help="calibration sequences"),
