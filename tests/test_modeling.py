@@ -138,7 +138,7 @@ def test_view_intermediate_of_a_view_convention_expert():
 
 # ---------------------------------------------------------------- shipped code stands alone
 _ALLOWED_IMPORTS = {"__future__", "torch", "transformers", "dataclasses", "typing", "math", "collections",
-                    "importlib"}  # importlib: moepress_quant.py looks up the optional torchao
+                    "importlib", "copy"}  # importlib: moepress_quant.py looks up the optional torchao
 
 
 def test_shipped_files_import_only_torch_transformers_and_each_other():

@@ -26,9 +26,10 @@ from . import distributed
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
 from .devices import resolve_device
-from .export import OutputDir, check_output_dir, save_checkpoint
+from .export import OutputDir, check_output_dir, custom_layers, save_checkpoint
 from .loading import check_model_files, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
 from .methods import ConfigError, Method, build_method
+from .layer_plan import build_plan, check_budget, check_method_plan, selection_record
 from .pipeline import compress_layers
 from .record import library_versions, read_record, stage_figures
 
@@ -88,7 +89,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              batch_size: int = 8, tokenizer=None, dtype: torch.dtype | str = "auto",
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
              progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
-             quantize: str | None = "none", **options) -> CompressionResult:
+             quantize: str | None = "none", layers: str | None = None, budget: str = "uniform",
+             budget_floor: int | None = None, **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -117,6 +119,11 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
             expert); the checkpoint is then a custom one (`trust_remote_code=True` for from_pretrained).
             Quantizing needs the compressed model in memory: offload="auto" becomes resident, offload=True
             is refused. Recorded as `quantization` in moepress.json (scheme, library + version, bytes).
+        layers: SPEC of the decoder layers to compress (`"12-47"`, `"0,2,4"`; MoE layers only); the
+            others stay bit-identical. `ratio`/`experts` then apply within those layers.
+        budget: "uniform" (every layer keeps the same count) or "auto" (pruning/merging: the same total,
+            spread by each layer's measured sensitivity; `layer_plan.py`); budget_floor: the fewest
+            experts "auto" leaves a layer (default max(top-k, ceil(N/4))).
         options: the method's own config fields.
     Under `torchrun` the calibration sequences are split across ranks and statistics summed
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
@@ -135,6 +142,9 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     scheme = _quantize_scheme(quantize, offload)
     if scheme is not None:
         offload = False
+    check_budget(budget, budget_floor)
+    check_method_plan(method_obj, layers, budget)
+    plan_options = {"layers": layers, "budget": budget, "floor": budget_floor}
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
     target = check_output_dir(out, source, overwrite) if out is not None else None
     if isinstance(model, (str, Path)):
@@ -144,7 +154,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     work = _work_dir(offload, model, method_obj, target)
     with _drop_unused_work_dir(work):
         return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
-                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, scheme)
+                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, scheme,
+                         plan_options)
 
 
 def _quantize_scheme(quantize, offload) -> str | None:
@@ -172,14 +183,19 @@ def _drop_unused_work_dir(work: tuple[Path, bool] | None):
 
 def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
               batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
-              hidden_on: str, quantize: str | None = None) -> CompressionResult:
+              hidden_on: str, quantize: str | None = None, plan_options: dict | None = None) -> CompressionResult:
     """The body of `compress` once its arguments are checked (see there)."""
     model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
     calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)
     _check_shards(calibration)
+    t0 = time.perf_counter()
+    plan = build_plan(model_obj, method_obj, calibration, store=store, batch_size=batch_size, device=compute_device,
+                      **(plan_options or {}))
+    if plan.budget == "auto":
+        stages["sensitivity"] = stage_figures(t0)
     if store is not None:
-        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype))
+        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype, plan.key()))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
         if resumed:
             log(f"resumed: {resumed} finished layer(s) reused from {store.work_dir}")
@@ -189,7 +205,7 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
-                              store=store, device=compute_device, hidden_on=hidden_on)
+                              store=store, device=compute_device, hidden_on=hidden_on, plan=plan)
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
@@ -216,7 +232,9 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "batch_size": batch_size,
         "propagation": method_obj.propagation if calibration is not None else "none",
         "layers": {str(k): v for k, v in records.items()},
-        "parameters": {"before": before, "after": parameter_counts(model_obj)},
+        "parameters": {"before": before, "after": (after := parameter_counts(model_obj))},
+        "layer_selection": selection_record(plan, before, after),
+        "budget": plan.budget_record(),
         "versions": library_versions(),
         "stages": stages,
         "wall_seconds": round(time.perf_counter() - t_start, 3),
@@ -298,14 +316,17 @@ def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
     model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
-def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype) -> str:
-    """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype."""
+def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype, plan_key=None) -> str:
+    """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype
+    (and layer plan: selected layers and per-layer counts, when given)."""
     import hashlib
     import json
 
     h = hashlib.sha256()
     h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)],
                         sort_keys=True, default=str).encode())
+    if plan_key is not None:
+        h.update(json.dumps(plan_key, default=str).encode())
     if calibration is not None:
         h.update(calibration.input_ids.numpy().tobytes())
     return h.hexdigest()
@@ -347,7 +368,7 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     record["dtype"] = dtype_name(out_dtype)
     model.to(out_dtype)
     model.config.dtype = out_dtype
-    custom = any(getattr(m, "is_moepress_block", False) for m in model.modules())
+    custom = bool(custom_layers(model))  # custom blocks, or stock blocks with per-layer expert counts
     path = save_checkpoint(model, target, method_name=record.get("method", "finetune"),
                            export="custom" if custom else "stock", record=record, tokenizer=tokenizer)
     plot_losses(result.losses, path / "loss.png")

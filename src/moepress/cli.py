@@ -98,7 +98,8 @@ def compress(
     model: str = typer.Argument(..., help="model directory or hub id"),
     method: str = typer.Option(..., "--method", "-m", help="registry name (see `moepress methods`)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
-    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1)"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1) "
+                                          "(of the --layers layers when given)"),
     experts: Optional[int] = typer.Option(None, help="routed experts kept per layer (replaces --ratio)"),
     calib: Optional[str] = typer.Option(None, help="calibration file, folder, jsonl or saved dataset"),
     samples: int = typer.Option(128, help="calibration sequences"),
@@ -118,6 +119,13 @@ def compress(
     hidden_on: str = typer.Option("auto", "--hidden-on", help="where calibration hidden states wait between "
                                   "layers: auto | cpu | device"),
     quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
+    layers: Optional[str] = typer.Option(None, "--layers", help="compress only these decoder layers (MoE ones), "
+                                         "e.g. 12-47 or 0,2,4; the others stay bit-identical; --ratio/--experts then "
+                                         "apply within them"),
+    budget: str = typer.Option("uniform", "--budget", help="uniform: every layer keeps the same count; auto "
+                               "(pruning/merging): the same total spread by each layer's measured sensitivity"),
+    budget_floor: Optional[int] = typer.Option(None, "--budget-floor", help="fewest experts --budget auto leaves "
+                                               "a layer (default max(top-k, ceil(N/4)))"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     with _user_errors():
@@ -129,7 +137,13 @@ def compress(
         checks.check_model_source(model)
         checks.check_output_dir(out, model, overwrite)
         checks.check_calibration_source(calib)
+        from .layer_plan import check_budget, parse_layer_spec
+
+        if layers is not None:
+            parse_layer_spec(layers)
+        check_budget(budget, budget_floor)
         options = _parse_opts(opt, recipe)
+        options.update(layers=layers, budget=budget, budget_floor=budget_floor)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,

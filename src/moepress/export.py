@@ -17,14 +17,20 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import decoder_layers, family_of
+from .arch import decoder_layers, family_of, is_stock_moe_block
 from .checks import ExportError, OutputDir, check_output_dir  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
 from .record import stage_figures, write_record
 
 
 def custom_layers(model: nn.Module) -> dict[str, dict]:
-    """`{layer index: block.layer_config()}` for every installed moepress custom block."""
+    """`{layer index: block.layer_config()}` for every installed moepress custom block, and
+    `{"kind": "experts", "num_experts": m}` for every stock MoE block whose expert count differs
+    from the config's (per-layer counts: modeling/moepress_experts.py)."""
+    from .modeling.moepress_experts import StockExpertCount
+
+    spec = family_of(model)
+    configured = getattr(model.config, spec.expert_count_key, None)
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
         block = getattr(layer, "mlp", None)
@@ -32,6 +38,8 @@ def custom_layers(model: nn.Module) -> dict[str, dict]:
             out[str(i)] = block.layer_config()
             if getattr(block, "moepress_quant", None):  # quantized experts (moepress.quantize)
                 out[str(i)]["quant"] = block.moepress_quant
+        elif block is not None and is_stock_moe_block(block, spec) and block.experts.gate_up_proj.shape[0] != configured:
+            out[str(i)] = StockExpertCount.layer_config(block.experts.gate_up_proj.shape[0])
     return out
 
 

@@ -152,8 +152,9 @@ def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden,
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
                     batch_size: int = 8, store=None, progress: Callable | None = None,
-                    device: str | torch.device | None = None, hidden_on: str = "auto") -> dict[int, dict]:
-    """Run `method` over every MoE layer of `model`; returns `{layer index: record}`.
+                    device: str | torch.device | None = None, hidden_on: str = "auto",
+                    plan=None) -> dict[int, dict]:
+    """Run `method` over every MoE layer of `model` (or those `plan` selects); returns `{layer index: record}`.
 
     A method with `needs_calibration=False` gets no statistics: no hidden states are captured or
     propagated (`calibration` may be None) and each MoE layer is only onloaded, compressed and
@@ -166,11 +167,15 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         device: where each layer is computed (None = where it is); it goes back to the CPU after.
         hidden_on: where hidden states wait between layers: "cpu", "device" or "auto"
             (`hidden_placement`).
+        plan: a `layer_plan.LayerPlan`: only its `selected` MoE layers are compressed (the others
+            are left as they are and only propagate), each keeping `plan.experts[i]` experts when given.
     """
     store = store or InMemoryLayers(model)
     device = torch.device(device) if device is not None else None
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
+    selected = set(moe) if plan is None else set(plan.selected)
+    layer_experts = {} if plan is None else plan.experts
     propagate = method.needs_calibration
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
@@ -191,10 +196,11 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             records[i] = {**finished, "resumed": True}
             if method.propagation == "original":  # its source weights are gone: say so in the record
                 records[i]["propagated_through"] = "compressed (resumed layer)"
-        elif i in moe:
+        elif i in selected:
             if propagate and method.propagation == "original":
                 original_out = run_layer(layer, i, hidden, kwargs, device)
-            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device)
+            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device,
+                                             layer_experts.get(i))
             layer = _onto(layer, device)  # a new block may have been built elsewhere
         if propagate:
             hidden = original_out if original_out is not None else run_layer(layer, i, hidden, kwargs, device)
@@ -232,7 +238,8 @@ def check_finite_hidden(hidden: list[torch.Tensor], index: int) -> None:
 
 
 def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, index: int, moe: list[int],
-                        hidden: list[torch.Tensor], kwargs: dict, device: torch.device | None = None) -> dict:
+                        hidden: list[torch.Tensor], kwargs: dict, device: torch.device | None = None,
+                        experts: int | None = None) -> dict:
     """Statistics the method declared (each computed once), its decision, the block installed
     (rank 0's, broadcast, in a data-parallel run).
 
@@ -242,7 +249,7 @@ def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, inde
     stats = LayerStatistics(view, inputs)
     for name in method.needs:
         stats[name]
-    result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model))
+    result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model, experts))
     if result.block is not None:
         distributed.broadcast_module_(_onto(result.block, device))
         set_moe_block(model, index, result.block)

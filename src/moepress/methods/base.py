@@ -48,9 +48,12 @@ class MethodConfig:
         except InputError as exc:
             raise ConfigError(str(exc)) from None
 
-    def kept_experts(self, num_experts: int, top_k: int = 1) -> int:
-        """Experts kept per layer for merging/pruning: `experts`, else round(N * (1 - ratio))."""
-        if self.experts is not None:
+    def kept_experts(self, num_experts: int, top_k: int = 1, layer_experts: int | None = None) -> int:
+        """Experts kept per layer for merging/pruning: `layer_experts` (this layer's count from a
+        per-layer budget, `LayerContext.experts`), else `experts`, else round(N * (1 - ratio))."""
+        if layer_experts is not None:
+            m = int(layer_experts)
+        elif self.experts is not None:
             m = int(self.experts)
         elif self.ratio is not None:
             m = int(round(num_experts * (1.0 - float(self.ratio))))
@@ -74,6 +77,8 @@ class LayerContext:
     stats: lazily computed, cached statistics over `stats.batches` (flat MoE inputs `[t, H]`).
     position: index of this layer among the MoE layers; num_layers: how many MoE layers.
     model: the whole model (read-only; for methods with model-level state from `prepare`).
+    experts: this layer's own count of experts to keep from a per-layer budget (`layer_plan`,
+        `--budget auto`), read through `MethodConfig.kept_experts`; None = the method's config.
     """
 
     view: MoELayerView
@@ -81,6 +86,7 @@ class LayerContext:
     position: int
     num_layers: int
     model: nn.Module | None = None
+    experts: int | None = None
 
 
 @dataclass
@@ -114,6 +120,11 @@ class Method:
     propagation: ClassVar[str] = "compressed"
     # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
+    # True for methods that keep M experts per layer (pruning, merging): they honour a per-layer
+    # count (`LayerContext.experts`), so `--budget auto` applies (layer_plan.py).
+    keeps_expert_count: ClassVar[bool] = False
+    # False for a method that spreads its budget over all MoE layers itself (no `--layers`).
+    supports_layer_subset: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch import MoELayerView, set_model_expert_count, validate_expert_count
+from ..arch import MoELayerView, moe_layer_views, set_model_expert_count, validate_expert_count
 from ..calib.stats import LayerStatistics, statistic
 from ..modeling.moepress_remap import RemappedMoeBlock
 from ..ops.clustering import groups_of, similarity_from_gram
@@ -152,6 +152,7 @@ class MergingMethod(Method):
     """Base of merging methods: subclasses implement `merge(ctx, m) -> (expert_map, merged, record)`."""
 
     export = "custom"
+    keeps_expert_count = True
 
     def __init__(self, config: MergingConfig):
         super().__init__(config)
@@ -163,7 +164,7 @@ class MergingMethod(Method):
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view = ctx.view
-        m = self.config.kept_experts(view.num_experts, view.top_k)
+        m = self.config.kept_experts(view.num_experts, view.top_k, ctx.experts)
         with torch.no_grad():
             expert_map, merged, extra = self.merge(ctx, m)
             if self.config.export == "stock":
@@ -176,6 +177,10 @@ class MergingMethod(Method):
         return LayerResult(block, record)
 
     def finalize(self, model, records: dict[int, dict]) -> None:
-        counts = {r["experts"] for r in records.values()}
-        if self.config.export == "stock" and len(counts) == 1:
+        if self.config.export != "stock":
+            return
+        counts = {v.num_experts for v in moe_layer_views(model)}
+        if len(counts) == 1:
             set_model_expert_count(model, counts.pop())
+        else:  # per-layer counts: no stock config expresses them (PruningMethod.finalize)
+            self.export = "custom"

@@ -1,22 +1,25 @@
 """Shared shape of expert-pruning methods: score experts, keep the best M, slice router rows.
 
 The result is the family's stock block with M experts, so the checkpoint loads in plain
-transformers (and vLLM). The same M is used in every layer, as in REAP (uniform ratio per layer).
+transformers (and vLLM). The same M is used in every layer, as in REAP (uniform ratio per layer),
+unless a per-layer budget (`--budget auto`) or `--layers` makes the counts differ; then the
+checkpoint is a custom one (auto_map) recording each layer's count.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..arch import set_model_expert_count, validate_expert_count
+from ..arch import moe_layer_views, set_model_expert_count, validate_expert_count
 from .base import ConfigError, LayerContext, LayerResult, Method
 
 
 class PruningMethod(Method):
     export = "stock"
+    keeps_expert_count = True
 
     def kept(self, ctx: LayerContext) -> int:
-        m = self.config.kept_experts(ctx.view.num_experts, ctx.view.top_k)
+        m = self.config.kept_experts(ctx.view.num_experts, ctx.view.top_k, ctx.experts)
         try:
             validate_expert_count(ctx.view.config, m)
         except ValueError as exc:
@@ -44,6 +47,11 @@ class PruningMethod(Method):
         return LayerResult(block, record)
 
     def finalize(self, model, records: dict[int, dict]) -> None:
-        counts = {r["experts"] for r in records.values()}
+        """One expert count in every MoE layer: the stock config says it. Different counts (a per-layer
+        budget, or `--layers`) no family's config can express: the checkpoint becomes a custom one
+        whose `config.moepress["layers"]` gives each layer's count (export.custom_layers)."""
+        counts = {v.num_experts for v in moe_layer_views(model)}
         if len(counts) == 1:
             set_model_expert_count(model, counts.pop())
+        else:
+            self.export = "custom"

@@ -16,12 +16,16 @@ import transformers
 from .moepress_common import MoepressBlock
 from .moepress_compressed import KINDS as _COMPRESSED_KINDS
 from .moepress_delta import KINDS as _DELTA_KINDS
+from .moepress_experts import KINDS as _EXPERT_COUNT_KINDS
 from .moepress_family import FAMILY_FACTS, family_facts
 from .moepress_lowrank import KINDS as _LOWRANK_KINDS
 from .moepress_quant import apply_quant_layout
 from .moepress_remap import KINDS as _REMAP_KINDS
 
-BLOCK_KINDS: dict[str, type[MoepressBlock]] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KINDS, **_LOWRANK_KINDS}
+# kind -> class with `from_layer_config(stock, config, layer_cfg)` (a MoepressBlock, or for "experts" the
+# stock block class resized: moepress_experts.py)
+BLOCK_KINDS: dict[str, type] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KINDS, **_LOWRANK_KINDS,
+                                **_EXPERT_COUNT_KINDS}
 
 
 def install_moepress_blocks(model, config) -> None:

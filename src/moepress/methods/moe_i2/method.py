@@ -68,6 +68,7 @@ class MoEI2(Method):
         super().__init__(config)
         # the importance pass hooks every MoE layer of the resident model at once
         self.requires_resident_model = config.layer_allocation == "importance"
+        self.supports_layer_subset = config.layer_allocation != "importance"  # counts span all MoE layers
         self.kept_counts: dict[int, int] | None = None
         self.keep_fraction: float | None = None
         self.layer_importance: dict[int, list[float]] = {}
