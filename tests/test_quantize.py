@@ -212,3 +212,16 @@ def test_quantized_checkpoint_loads_without_moepress_or_torchao(calib_file, toke
                            torchao], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), _logits(result.model), rtol=0, atol=0)
+
+
+def test_per_layer_pruned_and_quantized_checkpoint_reloads(calib_file, tokenizer, tmp_path):
+    """--layers/--budget leave pruned stock blocks whose router has fewer rows than the config's count;
+    quantized, they become identity remaps whose router must be rebuilt with that count on load."""
+    result = _compress("mixtral", "frequency", calib_file, tokenizer, layers="0", quantize="int8")
+    counts = [layer.mlp.num_experts for layer in decoder_layers(result.model)]
+    assert counts[0] < counts[1]  # layer 0 pruned, layer 1 untouched
+    expected = _logits(result.model)
+    path = result.save(tmp_path / "out")
+    for loaded in (moepress.load(path),
+                   transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)):
+        assert torch.equal(_logits(loaded.eval()), expected)

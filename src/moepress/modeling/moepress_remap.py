@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .moepress_common import MoepressBlock
+from .moepress_experts import StockExpertCount
+from .moepress_family import family_facts
 
 
 class RemappedMoeBlock(MoepressBlock):
@@ -78,7 +80,13 @@ class RemappedMoeBlock(MoepressBlock):
 
     @classmethod
     def from_layer_config(cls, stock: nn.Module, config, layer_cfg: dict) -> "RemappedMoeBlock":
-        return cls(stock, config, layer_cfg["num_merged"], layer_cfg["intermediate_size"], layer_cfg["num_experts"])
+        """The block of `layer_cfg`; its router has `num_experts` rows, which may be fewer than the config's
+        count (a pruned layer of a per-layer budget, quantized as an identity remap): then the stock block
+        it adopts the router from is built with that count."""
+        n = int(layer_cfg["num_experts"])
+        if n != getattr(config, family_facts(config.model_type).expert_count_key, n):
+            stock = StockExpertCount.from_layer_config(stock, config, {"num_experts": n})
+        return cls(stock, config, layer_cfg["num_merged"], layer_cfg["intermediate_size"], n)
 
     def layer_config(self) -> dict:
         return {
