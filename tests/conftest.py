@@ -5,12 +5,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compress() keeps calibration statistics in a cache by default: the tests' own, not the user's
+os.environ.setdefault("MOEPRESS_STATS_CACHE", tempfile.mkdtemp(prefix="moepress-test-stats-"))
 
 
 def pytest_configure(config):

@@ -31,6 +31,8 @@ from .loading import check_model_files, dtype_name, load, load_pretrained, load_
 from .methods import ConfigError, Method, build_method
 from .pipeline import compress_layers
 from .record import library_versions, read_record, stage_figures
+from .stats_cache import PROPAGATIONS
+from .stats_cache import resolve as resolve_stats_cache
 
 
 @dataclass
@@ -87,7 +89,7 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              batch_size: int = 8, tokenizer=None, dtype: torch.dtype | str = "auto",
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
              progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
-             **options) -> CompressionResult:
+             stats_cache=True, propagate: str = "compressed", **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -111,6 +113,13 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
             "float32" / "float16" / "bfloat16" / a torch dtype; recorded as `dtype` in moepress.json.
             The work itself (forwards, statistics, solves) runs in float32 whatever the source.
         log: optional `log(message)` for notices (a resumed run, a cleared work directory).
+        stats_cache: where per-layer calibration statistics are kept and reused across runs
+            (`moepress.stats_cache`): True (default) = `$MOEPRESS_STATS_CACHE` or the user cache's
+            `stats/`, a directory, or False/None = no cache. Hits and misses go into moepress.json.
+        propagate: "compressed" (default: each layer's calibration inputs come from the compressed
+            layers before it) or "original" (from the uncompressed model: statistics are then the
+            same for every ratio and method, hence fully reusable from the cache). Recorded as
+            `propagation`.
         options: the method's own config fields.
     Under `torchrun` the calibration sequences are split across ranks and statistics summed
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
@@ -131,11 +140,15 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     if isinstance(model, (str, Path)):
         check_model_files(model)
     out_dtype = resolve_dtype(dtype, model)
+    if propagate not in PROPAGATIONS:
+        raise ConfigError(f"propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
+    cache = resolve_stats_cache(stats_cache, log) if method_obj.needs_calibration else None
     t0 = time.perf_counter()
     work = _work_dir(offload, model, method_obj, target)
     with _drop_unused_work_dir(work):
         return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
-                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on)
+                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, cache,
+                         propagate)
 
 
 @contextlib.contextmanager
@@ -152,14 +165,14 @@ def _drop_unused_work_dir(work: tuple[Path, bool] | None):
 
 def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
               batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
-              hidden_on: str) -> CompressionResult:
+              hidden_on: str, cache=None, propagate: str = "compressed") -> CompressionResult:
     """The body of `compress` once its arguments are checked (see there)."""
     model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
     calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)
     _check_shards(calibration)
     if store is not None:
-        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype))
+        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype, propagate))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
         if resumed:
             log(f"resumed: {resumed} finished layer(s) reused from {store.work_dir}")
@@ -169,7 +182,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
-                              store=store, device=compute_device, hidden_on=hidden_on)
+                              store=store, device=compute_device, hidden_on=hidden_on, stats_cache=cache,
+                              propagation=propagate)
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
@@ -187,7 +201,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "dtype": dtype_name(out_dtype),
         "compute_dtype": "float32",
         "batch_size": batch_size,
-        "propagation": "compressed" if calibration is not None else "none",
+        "propagation": propagate if calibration is not None else "none",
+        "stats_cache": cache.describe() if cache is not None else None,
         "layers": {str(k): v for k, v in records.items()},
         "parameters": {"before": before, "after": parameter_counts(model_obj)},
         "versions": library_versions(),
@@ -268,14 +283,15 @@ def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
     model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
-def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype) -> str:
+def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype,
+             propagate: str = "compressed") -> str:
     """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype."""
     import hashlib
     import json
 
     h = hashlib.sha256()
-    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)],
-                        sort_keys=True, default=str).encode())
+    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)]
+                        + ([propagate] if propagate != "compressed" else []), sort_keys=True, default=str).encode())
     if calibration is not None:
         h.update(calibration.input_ids.numpy().tobytes())
     return h.hexdigest()

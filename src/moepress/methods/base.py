@@ -107,6 +107,11 @@ class Method:
     # propagation of hidden states are needed (the pipeline only visits the MoE layers).
     needs_calibration: ClassVar[bool] = True
     requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
+    # False for a method whose `compress_layer` reads nothing from `ctx.stats` but the statistics in
+    # `needs` (no `stats.batches`, `stats.routed()`, other statistic): with `--propagate original` and
+    # all of them in the statistics cache the pipeline then propagates no hidden state at all.
+    # True (the safe default) for anything that reads the layer's inputs itself.
+    reads_inputs: ClassVar[bool] = True
     # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
 

@@ -40,6 +40,7 @@ class D2MoE(Method):
     config_class = D2MoEConfig
     export = "custom"
     needs = ("frequency", "expert_gram")
+    reads_inputs = False  # prepare's Fisher reads token ids and the model, not the layer inputs
 
     def __init__(self, config: D2MoEConfig):
         super().__init__(config)
