@@ -113,6 +113,13 @@ def compress(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
     hidden_on: str = typer.Option("auto", "--hidden-on", help="where calibration hidden states wait between "
                                   "layers: auto | cpu | device"),
+    stats_cache: Optional[Path] = typer.Option(
+        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
+        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
+    propagate: str = typer.Option("compressed", "--propagate", help="calibration inputs of each layer come from "
+                                  "the 'compressed' layers before it (sequential) or the 'original' model "
+                                  "(statistics then reusable across ratios and methods)"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     with _user_errors():
@@ -123,7 +130,9 @@ def compress(
         checks.check_model_source(model)
         checks.check_output_dir(out, model, overwrite)
         checks.check_calibration_source(calib)
+        _check_propagate(propagate)
         options = _parse_opts(opt, recipe)
+    options.update(stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
@@ -146,6 +155,11 @@ def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, 
                                    overwrite=overwrite, log=lambda message: console.print(message, soft_wrap=True),
                                    device=device, hidden_on=hidden_on, **options)
     return result.save(), result
+
+
+def _check_propagate(propagate: str) -> None:
+    if propagate not in ("compressed", "original"):
+        raise checks.InputError(f"--propagate must be 'compressed' or 'original', got {propagate!r}")
 
 
 def _leftover_note(work: Path) -> str | None:
@@ -337,6 +351,13 @@ def bench(
     ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
     tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
+    stats_cache: Optional[Path] = typer.Option(
+        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
+        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
+    propagate: str = typer.Option("compressed", "--propagate", help="calibration inputs of each layer come from "
+                                  "the 'compressed' layers before it (sequential) or the 'original' model "
+                                  "(statistics then reusable across ratios and methods)"),
 ):
     """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -353,11 +374,13 @@ def bench(
         checks.check_dtype(dtype)
         checks.check_model_source(model)
         checks.check_calibration_source(calib)
+        _check_propagate(propagate)
         from moepress.bench import run_grid, write_report
 
         rows = run_grid(model, names, ratio_values, out, calib=calib, samples=samples, seq_len=seq_len,
                         ppl=ppl.split(",") if ppl else None, tasks=[t for t in tasks.split(",") if t.strip()],
-                        dtype=dtype, log=console.print, device=device)
+                        dtype=dtype, log=console.print, device=device,
+                        stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
         md, png = write_report(rows, out)
     from rich.table import Table
 
