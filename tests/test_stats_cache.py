@@ -162,3 +162,22 @@ def test_cli_options(tiny_checkpoint, calib_file, tmp_path):
     assert res.exit_code == 0 and json.loads((tmp_path / "b" / "moepress.json").read_text())["stats_cache"] is None
     res = runner.invoke(app, base + ["--out", str(tmp_path / "d"), "--propagate", "sideways"])
     assert res.exit_code == 2 and "--propagate" in res.output
+
+
+def test_d2moe_reuses_its_fisher_and_grams(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    from moepress.methods.d2moe import method as d2moe_method
+
+    src = tiny_checkpoint("mixtral")
+    kwargs = dict(calib=calib_file, stats_cache=tmp_path / "cache", propagate="original", **KW)
+    reference = moepress.compress(src, "d2moe", 0.5, calib=calib_file, propagate="original", stats_cache=False, **KW)
+    first = moepress.compress(src, "d2moe", 0.5, **kwargs)
+    assert first.record["stats_cache"]["misses"] == 3 * 2  # frequency + expert_gram + Fisher, 2 MoE layers
+
+    def forbidden(*args, **kw):
+        raise AssertionError("Fisher recomputed although cached")
+
+    monkeypatch.setattr(d2moe_method, "fisher_bases", forbidden)
+    monkeypatch.setattr(pipeline, "capture_layer_inputs", forbidden)
+    second = moepress.compress(src, "d2moe", 0.5, **kwargs)
+    assert second.record["stats_cache"]["misses"] == 0 and not second.record["stats_cache"]["inputs_propagated"]
+    assert _same(_weights(second), _weights(reference)) and _same(_weights(first), _weights(reference))

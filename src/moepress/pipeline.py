@@ -214,6 +214,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
     kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
     hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
+    method.stats_cache = stats_cache if calibration is not None else None
     method.prepare(model, calibration, store=store)
     records: dict[int, dict] = {}
     for i in range(len(layers)):

@@ -37,7 +37,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -205,6 +205,15 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of one tensor's dtype, shape and bytes."""
+    t = tensor.detach().cpu().contiguous()
+    h = _hasher()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def combine(*parts) -> str:
     h = _hasher()
     for part in parts:
@@ -219,20 +228,25 @@ def _file_digest(path: str) -> str:
 
 
 @functools.cache
+def code_version(*files: str) -> str:
+    """Hash of `files` plus the `arch` and `ops` packages, `calib/stats.py`, the moepress and torch
+    versions: an edit anywhere there invalidates the values computed by that code."""
+    from . import __version__
+
+    here = Path(__file__).parent
+    every = {str(Path(f)) for f in files} | {str(here / "calib" / "stats.py")}
+    every |= {str(p) for p in (here / "arch").glob("*.py")} | {str(p) for p in (here / "ops").glob("*.py")}
+    return combine(CACHE_FORMAT, __version__, torch.__version__,
+                   *(f"{Path(f).name}:{_file_digest(f)}" for f in sorted(every)))
+
+
 def statistic_version(name: str) -> str:
-    """Code version of statistic `name`: its module's source, `calib/stats.py`, the `arch`
-    package, the moepress and torch versions (an edit anywhere there invalidates cached values)."""
+    """Code version of statistic `name` (`code_version` of the module that defines it)."""
     import inspect
 
-    from . import __version__
     from .calib import stats as stats_module
 
-    fn = stats_module._STATISTICS[name]
-    files = {inspect.getsourcefile(fn), stats_module.__file__}
-    files |= {str(p) for p in (Path(__file__).parent / "arch").glob("*.py")}
-    files |= {str(p) for p in (Path(__file__).parent / "ops").glob("*.py")}
-    return combine(CACHE_FORMAT, __version__, torch.__version__, *(f"{Path(f).name}:{_file_digest(f)}"
-                                                                    for f in sorted(files)))
+    return code_version(inspect.getsourcefile(stats_module._STATISTICS[name]))
 
 
 def context_digest(model: nn.Module, calibration, batch_size: int, device: torch.device | None,
@@ -362,3 +376,77 @@ class PipelineCache:
             self.keys.advance(self.digests[index])
         else:
             self.keys.advance(module_digest(layer))
+
+
+# ---------------------------------------------------------------------------------------------- model level
+
+
+def weights_digest(model: nn.Module, store=None) -> str:
+    """Hash of the whole ORIGINAL model: config, weights outside the decoder layers and every decoder
+    layer's source weights (read through `store.load_original`, one layer at a time)."""
+    from .arch import decoder_layers
+    from .layer_store import InMemoryLayers
+
+    store = store if store is not None else InMemoryLayers(model)
+    layers = decoder_layers(model)
+    skipped = {id(t) for t in layers.state_dict(keep_vars=True).values()}
+    h = _hasher()
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if id(tensor) in skipped or tensor.is_meta:
+            continue
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    for i in range(len(layers)):
+        layer = store.load_original(i)
+        try:
+            h.update(module_digest(layer).encode())
+        finally:
+            store.release(i)
+    return h.hexdigest()
+
+
+class CachedLayers(Mapping):
+    """`{layer index: value}` read from the cache one layer at a time (the last one read is kept)."""
+
+    def __init__(self, cache: StatsCache, keys: dict[int, str]):
+        self._cache, self._keys = cache, keys
+        self._last: tuple[int, object] | None = None
+
+    def __getitem__(self, index: int):
+        if self._last is None or self._last[0] != index:
+            value = self._cache.get(self._keys[index])
+            if value is MISSING:
+                raise RuntimeError(f"statistics cache entry of layer {index} vanished while being read; rerun")
+            self._last = (index, value)
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def cached_per_layer(cache: StatsCache | None, name: str, parts: tuple, layers: list[int],
+                     compute: Callable[[], Mapping], code_file: str) -> Mapping:
+    """A model-level statistic stored one entry per layer (e.g. D²-MoE's Fisher bases).
+
+    `parts` identify its inputs (weights digest, token ids, options); `code_file` is the module
+    that computes it (`code_version`). Every entry present: a `CachedLayers` over them (rank 0
+    decides, every rank reads); else `compute()`, whose layers rank 0 stores. No cache: `compute()`."""
+    if cache is None:
+        return compute()
+    keys = {i: combine("model-statistic", name, code_version(code_file), *parts, i) for i in layers}
+    present = all(cache.contains(k) for k in keys.values()) if distributed.is_main_process() else None
+    if distributed.broadcast_object(present):
+        return CachedLayers(cache, keys)
+    cache.misses += len(keys)
+    value = compute()
+    if distributed.is_main_process():
+        for i, key in keys.items():
+            cache.put(key, dict(value[i]))
+    return value

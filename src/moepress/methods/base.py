@@ -112,6 +112,9 @@ class Method:
     # all of them in the statistics cache the pipeline then propagates no hidden state at all.
     # True (the safe default) for anything that reads the layer's inputs itself.
     reads_inputs: ClassVar[bool] = True
+    # The run's `stats_cache.StatsCache` (None = none), set by the pipeline before `prepare`, for
+    # model-level statistics a method wants to reuse across runs (D²-MoE's Fisher).
+    stats_cache = None
     # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
 
