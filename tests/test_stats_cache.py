@@ -181,3 +181,34 @@ def test_d2moe_reuses_its_fisher_and_grams(tiny_checkpoint, calib_file, tmp_path
     second = moepress.compress(src, "d2moe", 0.5, **kwargs)
     assert second.record["stats_cache"]["misses"] == 0 and not second.record["stats_cache"]["inputs_propagated"]
     assert _same(_weights(second), _weights(reference)) and _same(_weights(first), _weights(reference))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_original_propagation_streams_and_resumes_through_the_source_layers(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    common = dict(calib=calib_file, samples=4, seq_len=32, propagate="original", stats_cache=False)
+    reference = moepress.compress(src, "mergemoe", 0.5, offload=False, **common)
+
+    def kill_after_first_layer(done, total, text):
+        if done == 1:
+            raise _Killed
+
+    kwargs = dict(offload=tmp_path / "work", **common)
+    with pytest.raises(_Killed):
+        moepress.compress(src, "mergemoe", 0.5, progress=kill_after_first_layer, **kwargs)
+    resumed = moepress.compress(src, "mergemoe", 0.5, **kwargs)
+    assert resumed.records[0].get("resumed") and not resumed.records[1].get("resumed")
+    # layer 1 saw the hidden states of the SOURCE layer 0, as in the resident run
+    assert resumed.records[1]["groups"] == reference.records[1]["groups"]
+    assert resumed.records[1]["calib_rel_error"] == pytest.approx(reference.records[1]["calib_rel_error"], rel=1e-4)
+    out = resumed.save(tmp_path / "out")
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        diff = (moepress.load(out)(ids).logits - reference.model(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    # the resume key includes the propagation: a compressed-propagation run does not adopt these shards
+    other = moepress.compress(src, "mergemoe", 0.5, **{**kwargs, "propagate": "compressed"})
+    assert other.record["stages"]["calibration"]["resumed_layers"] == 0
