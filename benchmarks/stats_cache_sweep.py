@@ -7,7 +7,9 @@ method at ratios 0.25, 0.375, 0.5, 0.625 it measures the CALIBRATION part of com
   collecting MoE-block inputs (`pipeline.capture_layer_inputs`, `run_layer`, `collect_block_inputs`,
   `run_layer_collecting`);
 - statistics: every registered statistic computed (`calib.stats._STATISTICS`);
-- cache: weight hashing, cache look-ups, reads and writes (`stats_cache.PipelineCache`, `LayerCache`).
+- fisher: D²-MoE's model-level Fisher (`fisher_bases`, in `prepare`);
+- cache: weight hashing, cache look-ups, reads and writes (`stats_cache.PipelineCache`, `LayerCache`,
+  `CachedLayers`, `weights_digest`).
 
 It compares one run as today (no cache, `propagate="compressed"`) with the whole 4-ratio sweep
 on a fresh cache with `propagate="original"`, and prints sweep / one run (goal <= 1.3). The
@@ -30,6 +32,7 @@ import torch
 import moepress
 from moepress import pipeline, stats_cache
 from moepress.calib import stats as stats_module
+from moepress.methods.d2moe import method as d2moe_method
 from moepress.zoo import reference_model_path
 
 RATIOS = (0.25, 0.375, 0.5, 0.625)
@@ -79,6 +82,9 @@ def instrument(clock: Clock):
         patch(stats_cache.PipelineCache, name, "cache")
     for name in ("load", "save"):
         patch(stats_cache.LayerCache, name, "cache")
+    patch(stats_cache.CachedLayers, "__getitem__", "cache")
+    patch(stats_cache, "weights_digest", "cache")
+    patch(d2moe_method, "fisher_bases", "fisher")  # D²-MoE's model-level Fisher (prepare)
 
     def restore():
         for fn in reversed(undo):
