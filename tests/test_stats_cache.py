@@ -189,8 +189,11 @@ class _Killed(Exception):
 
 def test_original_propagation_streams_and_resumes_through_the_source_layers(tiny_checkpoint, calib_file, tmp_path):
     src = tiny_checkpoint("mixtral")
-    common = dict(calib=calib_file, samples=4, seq_len=32, propagate="original", stats_cache=False)
-    reference = moepress.compress(src, "mergemoe", 0.5, offload=False, **common)
+    common = dict(calib=calib_file, samples=4, seq_len=32, propagate="original", stats_cache=tmp_path / "cache")
+    reference = moepress.compress(src, "mergemoe", 0.5, offload=False, **{**common, "stats_cache": False})
+    # the cache also holds statistics of layers fed by the COMPRESSED layer 0: never to be taken for ours
+    sequential = moepress.compress(src, "mergemoe", 0.5, offload=False, **{**common, "propagate": "compressed"})
+    assert sequential.records[1]["groups"] != reference.records[1]["groups"]
 
     def kill_after_first_layer(done, total, text):
         if done == 1:

@@ -222,8 +222,11 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         finished = store.finished(i)
         propagated = False
         if finished is not None and propagate and propagation == "original":  # through the source layer
-            hidden = run_layer(_onto(store.load_original(i), device), i, hidden, kwargs, device)
-            decoder_layers(model)[i].to("cpu")
+            source_layer = store.load_original(i)
+            if plan is not None:  # the source weights propagate: they, not the finished ones, key what follows
+                plan.onloaded(i, source_layer)
+            hidden = run_layer(_onto(source_layer, device), i, hidden, kwargs, device)
+            source_layer.to("cpu")
             store.release(i)
             propagated = True
         layer = store.onload(i)
