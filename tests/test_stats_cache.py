@@ -215,3 +215,33 @@ def test_original_propagation_streams_and_resumes_through_the_source_layers(tiny
     # the resume key includes the propagation: a compressed-propagation run does not adopt these shards
     other = moepress.compress(src, "mergemoe", 0.5, **{**kwargs, "propagate": "compressed"})
     assert other.record["stages"]["calibration"]["resumed_layers"] == 0
+
+
+def test_two_ranks_share_the_cache_and_skip_propagation(tiny_checkpoint, calib_file, tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 decides and writes, both read; the second run (D²-MoE: Grams,
+    frequencies and Fisher all cached) propagates nothing and equals one process without cache."""
+    import textwrap
+
+    from test_data_parallel import SETTINGS, _assert_same_weights, _torchrun
+
+    src = tiny_checkpoint("mixtral")
+    kwargs = dict(calib=str(calib_file), offload=False, propagate="original", fisher_samples=4, **SETTINGS)
+    script = tmp_path / "twice.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import moepress
+        from moepress import pipeline
+        kwargs = dict(stats_cache=sys.argv[2], **{kwargs!r})
+        moepress.compress({str(src)!r}, "d2moe", 0.5, **kwargs)
+        def forbidden(*args, **kw):
+            raise AssertionError("a calibration forward ran although every statistic was cached")
+        pipeline.capture_layer_inputs = forbidden
+        moepress.compress({str(src)!r}, "d2moe", 0.5, **kwargs).save(sys.argv[1])
+    """))
+    proc = _torchrun([str(script), str(tmp_path / "parallel"), str(tmp_path / "cache")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "parallel" / "moepress.json").read_text())
+    assert record["world_size"] == 2 and record["propagation"] == "original"
+    assert record["stats_cache"]["misses"] == 0 and not record["stats_cache"]["inputs_propagated"]
+    single = moepress.compress(str(src), "d2moe", 0.5, stats_cache=False, **kwargs).save(tmp_path / "single")
+    _assert_same_weights(single, tmp_path / "parallel")
