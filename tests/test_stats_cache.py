@@ -245,3 +245,30 @@ def test_two_ranks_share_the_cache_and_skip_propagation(tiny_checkpoint, calib_f
     assert record["stats_cache"]["misses"] == 0 and not record["stats_cache"]["inputs_propagated"]
     single = moepress.compress(str(src), "d2moe", 0.5, stats_cache=False, **kwargs).save(tmp_path / "single")
     _assert_same_weights(single, tmp_path / "parallel")
+
+
+def test_bench_passes_the_cache_and_propagation_to_every_run(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from moepress import stats_cache
+    from moepress.cli import app
+
+    src = tiny_checkpoint("mixtral")
+    text = tmp_path / "heldout.txt"
+    text.write_text(calib_file.read_text()[:3000])
+    counts = {"hits": 0}
+    get = stats_cache.StatsCache.get
+
+    def counting_get(self, key, device=None):
+        value = get(self, key, device)
+        counts["hits"] += value is not stats_cache.MISSING
+        return value
+
+    monkeypatch.setattr(stats_cache.StatsCache, "get", counting_get)
+    res = CliRunner().invoke(app, ["bench", str(src), "--methods", "frequency", "--ratios", "0.25,0.5",
+                                   "--out", str(tmp_path / "rep"), "--calib", str(calib_file), "--samples", "4",
+                                   "--seq-len", "32", "--ppl", str(text), "--tasks", "", "--propagate", "original",
+                                   "--stats-cache", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "c").glob("??/*.pt"))) == 2  # one frequency per MoE layer, for both ratios
+    assert counts["hits"] == 2  # the second ratio read both
