@@ -37,8 +37,7 @@ def test_second_run_hits_everything_and_gives_bit_identical_weights(tiny_checkpo
     assert second.record["stats_cache"]["hits"] == moe and second.record["stats_cache"]["misses"] == 0
     assert second.record["propagation"] == "compressed" and plain.record["stats_cache"] is None
     assert _same(_weights(first), _weights(second)) and _same(_weights(plain), _weights(second))
-    assert second.records == first.records or all(
-        second.records[i]["kept"] == first.records[i]["kept"] for i in first.records)
+    assert all(second.records[i]["kept"] == plain.records[i]["kept"] for i in plain.records)
 
 
 def test_changed_weights_or_calibration_invalidate(tiny_checkpoint, calib_file, tmp_path):

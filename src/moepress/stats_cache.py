@@ -207,6 +207,15 @@ def _hasher():
     return hashlib.sha256()  # measured here: sha256 ~680 MB/s, blake2b ~470 MB/s on one core
 
 
+def _update(h, name: str, tensor: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, bytes) into hash `h`."""
+    t = tensor.detach()
+    if t.is_meta:
+        raise ValueError(f"cannot hash {name}: it is on the meta device")
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def module_digest(module: nn.Module) -> str:
     """Hash of every parameter and buffer of `module` (names, dtypes, shapes, bytes).
 
@@ -214,21 +223,26 @@ def module_digest(module: nn.Module) -> str:
     over the calibration tokens."""
     h = _hasher()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.is_meta:
-            raise ValueError(f"cannot hash {name}: it is on the meta device")
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        _update(h, name, tensor)
     return h.hexdigest()
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """Hash of one tensor's dtype, shape and bytes."""
-    t = tensor.detach().cpu().contiguous()
     h = _hasher()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    _update(h, "", tensor)
     return h.hexdigest()
+
+
+def _update_outside_layers(h, model: nn.Module, layers: nn.Module) -> None:
+    """Feed the config (less names and dtype labels) and every tensor outside `layers` into `h`."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    skipped = {id(t) for t in layers.state_dict(keep_vars=True).values()}
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if id(tensor) not in skipped and not tensor.is_meta:
+            _update(h, name, tensor)
 
 
 def combine(*parts) -> str:
@@ -268,23 +282,12 @@ def statistic_version(name: str) -> str:
 
 def context_digest(model: nn.Module, calibration, batch_size: int, device: torch.device | None,
                    skip: nn.Module) -> str:
-    """Identity of layer 0's inputs: calibration tokens, batching, config, weights outside `skip`
-    (the decoder layers)."""
-    skipped = {id(t) for t in skip.state_dict().values()} | {id(p) for p in skip.parameters()}
+    """Identity of layer 0's inputs: calibration tokens, batching (batch size, world size, device
+    type), config, weights outside `skip` (the decoder layers)."""
     h = _hasher()
-    ids = calibration.input_ids.detach().cpu().contiguous()
-    h.update(f"{CACHE_FORMAT}|{tuple(ids.shape)}|{ids.dtype}|{batch_size}|{distributed.world_size()}|"
-             f"{(device or torch.device('cpu')).type}|".encode())
-    h.update(ids.numpy().tobytes())
-    config = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version")}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-        if id(tensor) in skipped or tensor.is_meta:
-            continue
-        t = tensor.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    h.update(f"{CACHE_FORMAT}|{batch_size}|{distributed.world_size()}|{(device or torch.device('cpu')).type}|".encode())
+    _update(h, "input_ids", calibration.input_ids)
+    _update_outside_layers(h, model, skip)
     return h.hexdigest()
 
 
@@ -406,17 +409,8 @@ def weights_digest(model: nn.Module, store=None) -> str:
 
     store = store if store is not None else InMemoryLayers(model)
     layers = decoder_layers(model)
-    skipped = {id(t) for t in layers.state_dict(keep_vars=True).values()}
     h = _hasher()
-    config = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version")}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-        if id(tensor) in skipped or tensor.is_meta:
-            continue
-        t = tensor.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    _update_outside_layers(h, model, layers)
     for i in range(len(layers)):
         layer = store.load_original(i)
         try:
