@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # compress() keeps calibration statistics in a cache by default: the tests' own, not the user's
-os.environ.setdefault("MOEPRESS_STATS_CACHE", tempfile.mkdtemp(prefix="moepress-test-stats-"))
+if "MOEPRESS_STATS_CACHE" not in os.environ:
+    os.environ["MOEPRESS_STATS_CACHE"] = tempfile.mkdtemp(prefix="moepress-test-stats-")
+    atexit.register(shutil.rmtree, os.environ["MOEPRESS_STATS_CACHE"], True)
 
 
 def pytest_configure(config):

@@ -141,6 +141,10 @@ def test_size_cap_evicts_least_recently_used_and_refuses_oversized_entries(tmp_p
     assert cache.get("nope") is MISSING
     assert cache.describe() == {"dir": str(tmp_path), "hits": 1, "misses": 1, "stored": 3}
     assert not list(tmp_path.glob(".tmp-*"))  # failed or refused writes leave no temporary file
+    (tmp_path / "a-file").write_text("")
+    unwritable = StatsCache(tmp_path / "a-file", log=said.append)  # not a directory: cannot be written
+    assert not unwritable.put("bb01", small) and not unwritable.put("bb02", small)
+    assert len(said) == 2 and "cannot write" in said[1]
 
 
 def test_cli_options(tiny_checkpoint, calib_file, tmp_path):

@@ -113,7 +113,7 @@ class StatsCache:
         self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self.log = log or (lambda message: None)
         self.hits = self.misses = self.stored = 0
-        self.too_large_said = False
+        self.too_large_said = self.write_error_said = False
         self.inputs_propagated: bool | None = None  # set by the pipeline: False = every statistic came from here
 
     def _path(self, key: str) -> Path:
@@ -143,8 +143,12 @@ class StatsCache:
             self._say_too_large(_nbytes(value))
             return False
         value = _to_cpu(value)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
+        except OSError as exc:  # a read-only or full cache never fails the compression itself
+            self._say_write_error(exc)
+            return False
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(value, fh)
@@ -157,12 +161,20 @@ class StatsCache:
             target = self._path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            self._say_write_error(exc)
+            return False
         self.stored += 1
         return True
+
+    def _say_write_error(self, exc: OSError) -> None:
+        if not self.write_error_said:
+            self.log(f"statistics cache: cannot write to {self.directory} ({exc}); continuing without storing")
+            self.write_error_said = True
 
     def _say_too_large(self, size: int) -> None:
         if not self.too_large_said:
@@ -325,9 +337,10 @@ class LayerCache:
             self.cache.misses += 1
             return MISSING
         value = self.cache.get(self.key(name), self.device)
-        if value is MISSING:  # evicted in between by another process: fail loudly rather than desynchronise
+        if value is MISSING and distributed.is_distributed():  # evicted meanwhile by another process: the
+            # other ranks may have read it, so computing here alone would desynchronise the collectives
             raise RuntimeError(f"statistics cache entry {name!r} vanished while being read; rerun")
-        return value
+        return value  # in one process a vanished entry is simply computed
 
     def save(self, name: str, value) -> None:
         if distributed.is_main_process():
