@@ -4,8 +4,10 @@ Calibration hidden states are captured at the input of decoder layer 0, then eve
 on them in turn. At an MoE layer the block's inputs (post-attention-norm hidden states) are
 collected, the method compresses the block, and the *compressed* layer produces the next layer's
 inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_scale.py` propagates
-through the original model instead — ALGORITHMS.md §6 asks us to record which: we record
-`propagation: "compressed"` in moepress.json).
+through the original model instead — ALGORITHMS.md §6 asks us to record which: moepress.json says
+`propagation: "compressed"`). `propagation="original"` runs the source layer instead (one forward
+giving the block's inputs and the next layer's), so every statistic is that of the uncompressed
+model and reusable from the statistics cache (`stats_cache.py`) by any ratio or method.
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
 inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
