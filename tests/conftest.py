@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import inspect
 import json
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compress() keeps calibration statistics in a cache by default: the tests' own, not the user's
+if "MOEPRESS_STATS_CACHE" not in os.environ:
+    os.environ["MOEPRESS_STATS_CACHE"] = tempfile.mkdtemp(prefix="moepress-test-stats-")
+    atexit.register(shutil.rmtree, os.environ["MOEPRESS_STATS_CACHE"], True)
 
 
 def pytest_configure(config):

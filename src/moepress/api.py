@@ -32,6 +32,8 @@ from .methods import ConfigError, Method, build_method
 from .layer_plan import build_plan, check_budget, check_method_plan, selection_record
 from .pipeline import compress_layers
 from .record import library_versions, read_record, stage_figures
+from .stats_cache import PROPAGATIONS
+from .stats_cache import resolve as resolve_stats_cache
 
 
 @dataclass
@@ -90,7 +92,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              offload: bool | str | Path = "auto", out: str | Path | None = None, overwrite: bool = False,
              progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
              quantize: str | None = "none", layers: str | None = None, budget: str = "uniform",
-             budget_floor: int | None = None, **options) -> CompressionResult:
+             budget_floor: int | None = None, stats_cache=True, propagate: str | None = None,
+             **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -124,6 +127,13 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         budget: "uniform" (every layer keeps the same count) or "auto" (pruning/merging: the same total,
             spread by each layer's measured sensitivity; `layer_plan.py`); budget_floor: the fewest
             experts "auto" leaves a layer (default max(top-k, ceil(N/4))).
+        stats_cache: where per-layer calibration statistics are kept and reused across runs
+            (`moepress.stats_cache`): True (default) = `$MOEPRESS_STATS_CACHE` or the user cache's
+            `stats/`, a directory, or False/None = no cache. Hits and misses go into moepress.json.
+        propagate: None (default: the method's own, "compressed" for all but HC-SMoE), "compressed"
+            (each layer's calibration inputs come from the compressed layers before it) or "original" (from the uncompressed model: statistics are then the
+            same for every ratio and method, hence fully reusable from the cache). Recorded as
+            `propagation`.
         options: the method's own config fields.
     Under `torchrun` the calibration sequences are split across ranks and statistics summed
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
@@ -150,12 +160,16 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     if isinstance(model, (str, Path)):
         check_model_files(model)
     out_dtype = resolve_dtype(dtype, model)
+    propagate = propagate or method_obj.propagation  # None: the method's own (HC-SMoE: "original")
+    if propagate not in PROPAGATIONS:
+        raise ConfigError(f"propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
+    cache = resolve_stats_cache(stats_cache, log) if method_obj.needs_calibration else None
     t0 = time.perf_counter()
     work = _work_dir(offload, model, method_obj, target)
     with _drop_unused_work_dir(work):
         return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
                          seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, scheme,
-                         plan_options)
+                         plan_options, cache, propagate)
 
 
 def _quantize_scheme(quantize, offload) -> str | None:
@@ -183,7 +197,8 @@ def _drop_unused_work_dir(work: tuple[Path, bool] | None):
 
 def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
               batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
-              hidden_on: str, quantize: str | None = None, plan_options: dict | None = None) -> CompressionResult:
+              hidden_on: str, quantize: str | None = None, plan_options: dict | None = None, cache=None,
+              propagate: str | None = None) -> CompressionResult:
     """The body of `compress` once its arguments are checked (see there)."""
     model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
     stages = {"load": stage_figures(t0)}
@@ -195,7 +210,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
     if plan.budget == "auto":
         stages["sensitivity"] = stage_figures(t0)
     if store is not None:
-        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype, plan.key()))
+        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype, plan.key(),
+                                        propagate))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
         if resumed:
             log(f"resumed: {resumed} finished layer(s) reused from {store.work_dir}")
@@ -205,7 +221,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
     records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
-                              store=store, device=compute_device, hidden_on=hidden_on, plan=plan)
+                              store=store, device=compute_device, hidden_on=hidden_on, plan=plan,
+                              stats_cache=cache, propagation=propagate)
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
@@ -230,7 +247,8 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "dtype": dtype_name(out_dtype),
         "compute_dtype": "float32",
         "batch_size": batch_size,
-        "propagation": method_obj.propagation if calibration is not None else "none",
+        "propagation": propagate if calibration is not None else "none",
+        "stats_cache": cache.describe() if cache is not None else None,
         "layers": {str(k): v for k, v in records.items()},
         "parameters": {"before": before, "after": (after := parameter_counts(model_obj))},
         "layer_selection": selection_record(plan, before, after),
@@ -316,15 +334,16 @@ def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
     model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
-def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype, plan_key=None) -> str:
-    """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype
-    (and layer plan: selected layers and per-layer counts, when given)."""
+def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype, plan_key=None,
+             propagate: str = "compressed") -> str:
+    """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype,
+    propagation (and layer plan: selected layers and per-layer counts, when given)."""
     import hashlib
     import json
 
     h = hashlib.sha256()
-    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)],
-                        sort_keys=True, default=str).encode())
+    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)]
+                        + ([propagate] if propagate != "compressed" else []), sort_keys=True, default=str).encode())
     if plan_key is not None:
         h.update(json.dumps(plan_key, default=str).encode())
     if calibration is not None:

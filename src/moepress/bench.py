@@ -11,13 +11,17 @@ from typing import Callable, Optional
 def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, calib=None, samples: int = 64,
              seq_len: int = 256, ppl: Optional[list[str]] = None, tasks: Optional[list[str]] = None,
              mc_per_domain: int = 16, log: Callable[[str], None] = lambda message: None,
-             device: str = "auto", dtype: str = "auto") -> list[dict]:
+             device: str = "auto", dtype: str = "auto", stats_cache=True,
+             propagate: str | None = None) -> list[dict]:
     """Compress `model` with every (method, ratio), evaluate each the same way; rows also go to `out`.
 
     `device` ("auto" | "cpu" | "cuda" | "cuda:N") computes compression and evaluation there.
 
     Each result is evaluated in memory, so compression keeps the model resident (offload=False).
     `dtype`: of the original's evaluation and of each result ("auto" = the source's).
+    `stats_cache` (default on: the user cache) and `propagate` go to every `compress`: with
+    `propagate="original"` the statistics of every layer are computed once for the whole grid (per
+    distinct statistic), with "compressed" only those up to the first compressed layer are shared.
     """
     from .api import compress
     from .devices import resolve_device
@@ -35,7 +39,7 @@ def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, 
         for ratio in ratios:
             t0 = time.perf_counter()
             result = compress(model, method, ratio, calib=calib, samples=samples, seq_len=seq_len, offload=False,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, stats_cache=stats_cache, propagate=propagate)
             seconds = time.perf_counter() - t0
             report = evaluate(result.model, tokenizer=result.tokenizer, **settings)
             rows.append({"method": method, "ratio": ratio, **_summary(report), "seconds": round(seconds, 1)})

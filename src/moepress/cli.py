@@ -126,6 +126,14 @@ def compress(
                                "(pruning/merging): the same total spread by each layer's measured sensitivity"),
     budget_floor: Optional[int] = typer.Option(None, "--budget-floor", help="fewest experts --budget auto leaves "
                                                "a layer (default max(top-k, ceil(N/4)))"),
+    stats_cache: Optional[Path] = typer.Option(
+        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
+        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
+    propagate: Optional[str] = typer.Option(None, "--propagate", help="calibration inputs of each layer come from "
+                                            "the 'compressed' layers before it (sequential) or the 'original' model "
+                                            "(statistics then reusable across ratios and methods); default: the "
+                                            "method's own (compressed; HC-SMoE: original)"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
     with _user_errors():
@@ -144,6 +152,8 @@ def compress(
         check_budget(budget, budget_floor)
         options = _parse_opts(opt, recipe)
         options.update(layers=layers, budget=budget, budget_floor=budget_floor)
+        _check_propagate(propagate)
+    options.update(stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
@@ -172,6 +182,11 @@ def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, 
                                    overwrite=overwrite, log=lambda message: console.print(message, soft_wrap=True),
                                    device=device, hidden_on=hidden_on, quantize=quantize, **options)
     return result.save(), result
+
+
+def _check_propagate(propagate: str | None) -> None:
+    if propagate is not None and propagate not in ("compressed", "original"):
+        raise checks.InputError(f"--propagate must be 'compressed' or 'original', got {propagate!r}")
 
 
 def _leftover_note(work: Path) -> str | None:
@@ -396,6 +411,13 @@ def bench(
     ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
     tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
+    stats_cache: Optional[Path] = typer.Option(
+        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
+        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
+    propagate: Optional[str] = typer.Option(None, "--propagate", help="calibration inputs of each layer come from "
+                                            "the 'compressed' layers before it or the 'original' model (statistics "
+                                            "then shared by the whole grid); default: each method's own"),
 ):
     """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -412,11 +434,13 @@ def bench(
         checks.check_dtype(dtype)
         checks.check_model_source(model)
         checks.check_calibration_source(calib)
+        _check_propagate(propagate)
         from moepress.bench import run_grid, write_report
 
         rows = run_grid(model, names, ratio_values, out, calib=calib, samples=samples, seq_len=seq_len,
                         ppl=ppl.split(",") if ppl else None, tasks=[t for t in tasks.split(",") if t.strip()],
-                        dtype=dtype, log=console.print, device=device)
+                        dtype=dtype, log=console.print, device=device,
+                        stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
         md, png = write_report(rows, out)
     from rich.table import Table
 

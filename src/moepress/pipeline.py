@@ -5,10 +5,10 @@ on them in turn. At an MoE layer the block's inputs (post-attention-norm hidden 
 collected, the method compresses the block, and the *compressed* layer produces the next layer's
 inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_scale.py` propagates
 through the original model instead — ALGORITHMS.md §6 asks us to record which: moepress.json
-records `propagation`). A method with `propagation = "original"` (HC-SMoE, as its authors gather
-statistics) gets each MoE layer's output computed before the layer is compressed, so every layer's
-statistics come from the source model's states (a second copy of the hidden states is held while
-the layer is compressed; no extra forward).
+records `propagation`). `propagation="original"` runs the source layer instead (one forward
+giving the block's inputs and the next layer's), so every statistic is that of the uncompressed
+model and reusable from the statistics cache (`stats_cache.py`) by any ratio or method; it is
+the default of a method whose authors gather statistics that way (`Method.propagation`: HC-SMoE).
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
 inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
@@ -40,6 +40,7 @@ from .calib import CalibrationSet, LayerStatistics
 from .checks import InputError
 from .layer_store import InMemoryLayers
 from .methods import LayerContext, Method
+from .stats_cache import PROPAGATIONS, PipelineCache
 
 
 class _StopForward(Exception):
@@ -150,10 +151,34 @@ def collect_block_inputs(layer: nn.Module, block: nn.Module, index: int, hidden,
     return captured
 
 
+def run_layer_collecting(layer: nn.Module, block: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: dict,
+                         device: torch.device | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`(flat MoE-block inputs per batch, layer outputs per batch)` from one forward of the layer as
+    it is (original propagation: the source layer, before its block is replaced). Each input batch
+    is dropped as its output is formed, so the peak is that of `collect_block_inputs`."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args):
+        captured.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    handle = block.register_forward_pre_hook(hook)
+    out = []
+    try:
+        with torch.no_grad():
+            for b in range(len(hidden)):
+                h = hidden[b]
+                y = layer(to_device(h, device), **kwargs[(index, h.shape[0])])
+                out.append((y[0] if isinstance(y, tuple) else y).to(h.device))
+                hidden[b] = None  # the caller's list: its batches are replaced, not kept twice
+    finally:
+        handle.remove()
+    return captured, out
+
+
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
                     batch_size: int = 8, store=None, progress: Callable | None = None,
-                    device: str | torch.device | None = None, hidden_on: str = "auto",
-                    plan=None) -> dict[int, dict]:
+                    device: str | torch.device | None = None, hidden_on: str = "auto", stats_cache=None,
+                    propagation: str | None = None, plan=None) -> dict[int, dict]:
     """Run `method` over every MoE layer of `model` (or those `plan` selects); returns `{layer index: record}`.
 
     A method with `needs_calibration=False` gets no statistics: no hidden states are captured or
@@ -167,44 +192,74 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         device: where each layer is computed (None = where it is); it goes back to the CPU after.
         hidden_on: where hidden states wait between layers: "cpu", "device" or "auto"
             (`hidden_placement`).
+        stats_cache: a `stats_cache.StatsCache` (None = none): statistics are read from it where
+            they match and written to it otherwise.
         plan: a `layer_plan.LayerPlan`: only its `selected` MoE layers are compressed (the others
             are left as they are and only propagate), each keeping `plan.experts[i]` experts when given.
+        propagation: None = the method's own (`Method.propagation`: "compressed" but for HC-SMoE), or
+            "compressed" (the next layer's inputs come from the compressed layer) or
+            "original" (from the source layer, run once before the compressed block is installed;
+            its statistics then do not depend on the method: with a cache and a method that reads
+            only cached statistics, no hidden state is captured or propagated at all).
     """
     store = store or InMemoryLayers(model)
     device = torch.device(device) if device is not None else None
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
+    propagate = method.needs_calibration
+    propagation = propagation or method.propagation
     selected = set(moe) if plan is None else set(plan.selected)
     layer_experts = {} if plan is None else plan.experts
-    propagate = method.needs_calibration
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
     check_finite_weights(model, "outside the decoder layers", skip=layers)
+    if propagation not in PROPAGATIONS:
+        raise InputError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
+    cache_plan = PipelineCache(stats_cache, model, calibration, batch_size, device, propagation, layers) \
+        if stats_cache is not None and propagate else None
+    num_tokens = None
+    if cache_plan is not None and not cache_plan.inputs_needed(method, sorted(selected), len(layers), store):
+        propagate, num_tokens = False, int(calibration.input_ids.numel())  # every statistic is cached
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
     kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
     hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
+    method.stats_cache = stats_cache if calibration is not None else None
     method.prepare(model, calibration, store=store)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()
+        finished = store.finished(i)
+        propagated = False
+        if finished is not None and propagate and propagation == "original":  # through the source layer
+            source_layer = store.load_original(i)
+            if cache_plan is not None:  # the source weights propagate: they, not the finished ones, key what follows
+                cache_plan.onloaded(i, source_layer)
+            hidden = run_layer(_onto(source_layer, device), i, hidden, kwargs, device)
+            source_layer.to("cpu")
+            store.release(i)
+            propagated = True
         layer = store.onload(i)
         check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.")
+        if cache_plan is not None:
+            cache_plan.onloaded(i, layer)
         layer = _onto(layer, device)
-        finished = store.finished(i)
-        original_out = None  # this layer's output before compression (propagation "original")
         if finished is not None:  # resumed: this layer was compressed by an interrupted run
             records[i] = {**finished, "resumed": True}
-            if method.propagation == "original":  # its source weights are gone: say so in the record
-                records[i]["propagated_through"] = "compressed (resumed layer)"
         elif i in selected:
-            if propagate and method.propagation == "original":
-                original_out = run_layer(layer, i, hidden, kwargs, device)
-            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device,
-                                             layer_experts.get(i))
+            inputs = None
+            if propagate and propagation == "original":  # one forward: the block's inputs and the next layer's
+                inputs, hidden = run_layer_collecting(layer, layer_view(model, i).block, i, hidden, kwargs, device)
+                check_finite_hidden(hidden, i)
+                propagated = True
+            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device, inputs=inputs,
+                                             disk=cache_plan.layer_cache(i) if cache_plan is not None else None,
+                                             num_tokens=num_tokens, experts=layer_experts.get(i))
             layer = _onto(layer, device)  # a new block may have been built elsewhere
-        if propagate:
-            hidden = original_out if original_out is not None else run_layer(layer, i, hidden, kwargs, device)
+        if propagate and not propagated:
+            hidden = run_layer(layer, i, hidden, kwargs, device)
             check_finite_hidden(hidden, i)
+        if cache_plan is not None:
+            cache_plan.propagated(i, layer, changed=i in selected and finished is None)
         if i in records and finished is None:
             _synchronize(device)
             records[i]["seconds"] = round(time.perf_counter() - t0, 3)
@@ -239,14 +294,18 @@ def check_finite_hidden(hidden: list[torch.Tensor], index: int) -> None:
 
 def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, index: int, moe: list[int],
                         hidden: list[torch.Tensor], kwargs: dict, device: torch.device | None = None,
+                        inputs: list[torch.Tensor] | None = None, disk=None, num_tokens: int | None = None,
                         experts: int | None = None) -> dict:
-    """Statistics the method declared (each computed once), its decision, the block installed
-    (rank 0's, broadcast, in a data-parallel run).
+    """Statistics the method declared (each computed once, or read from the statistics cache
+    `disk`), its decision, the block installed (rank 0's, broadcast, in a data-parallel run).
 
+    `inputs`: the block's inputs when already collected (original propagation); `num_tokens`: the
+    token count when no input was propagated (every statistic comes from `disk`).
     The layer's MoE inputs and statistics are freed on return, before the layer propagates."""
     view = layer_view(model, index)
-    inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs, device) if hidden else []
-    stats = LayerStatistics(view, inputs)
+    if inputs is None:
+        inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs, device) if hidden else []
+    stats = LayerStatistics(view, inputs, disk=disk, num_tokens=num_tokens)
     for name in method.needs:
         stats[name]
     result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model, experts))

@@ -31,18 +31,26 @@ from ..arch import MoELayerView, Routing
 
 _STATISTICS: dict[str, Callable[["LayerStatistics"], object]] = {}
 _SUMMED: set[str] = set()
+_NOT_CACHEABLE: set[str] = set()
 
 
-def statistic(name: str, summed: bool = True):
+def statistic(name: str, summed: bool = True, cacheable: bool = True):
     """Register `fn(stats: LayerStatistics) -> value` as statistic `name`.
 
     summed: the value is a sum over calibration tokens (tensor or nested dict/list of tensors), so
         data-parallel ranks all-reduce it; False for per-rank data ("routing") or a statistic that
         calls `stats.reduce` on its own sums before a non-linear step.
+    cacheable: the value may be kept in the statistics cache (`moepress.stats_cache`): it depends
+        only on the layer's weights and inputs (no method option) and is the same on every rank.
+        False for per-rank data ("routing").
     """
 
     def wrap(fn):
         _STATISTICS[name] = fn
+        if cacheable:
+            _NOT_CACHEABLE.discard(name)
+        else:
+            _NOT_CACHEABLE.add(name)
         if summed:
             _SUMMED.add(name)
         else:
@@ -58,13 +66,22 @@ class LayerStatistics:
     Args:
         view: the layer's view (routing uses the model's own router).
         batches: flat MoE-layer inputs, a list of `[t, H]` tensors.
+        disk: optional `stats_cache.LayerCache`: cacheable statistics are read from it when there
+            and written to it once computed (already reduced over ranks).
+        num_tokens: the global token count when `batches` is empty because every statistic the
+            method reads comes from `disk` (the inputs were not propagated at all).
     """
 
-    def __init__(self, view: MoELayerView, batches: list[torch.Tensor]):
+    def __init__(self, view: MoELayerView, batches: list[torch.Tensor], disk=None, num_tokens: int | None = None):
         self.view = view
         self.batches = batches
+        self.disk = disk
         self._cache: dict[str, object] = {}
         self.local_tokens = sum(b.shape[0] for b in batches)
+        self.without_inputs = num_tokens is not None and not batches
+        if self.without_inputs:
+            self.num_tokens, self.token_offset = int(num_tokens), 0
+            return
         per_rank = distributed.counts_by_rank(self.local_tokens)  # one collective, at construction
         self.num_tokens = sum(per_rank)  # over all ranks
         self.token_offset = sum(per_rank[: distributed.rank()])
@@ -80,8 +97,18 @@ class LayerStatistics:
         if name not in self._cache:
             if name not in _STATISTICS:
                 raise KeyError(f"unknown statistic {name!r}; known: {sorted(_STATISTICS)}")
-            value = _STATISTICS[name](self)
-            self._cache[name] = self.reduce(value) if name in _SUMMED else value
+            cached = name not in _NOT_CACHEABLE and self.disk is not None
+            value = self.disk.load(name) if cached else _missing()
+            if value is _missing():
+                if self.without_inputs:
+                    raise RuntimeError(f"statistic {name!r} is not in the statistics cache and the layer inputs were "
+                                       f"not propagated; the method must list it in `needs` and set "
+                                       f"reads_inputs=True if it reads anything else")
+                value = _STATISTICS[name](self)
+                value = self.reduce(value) if name in _SUMMED else value
+                if cached:
+                    self.disk.save(name, value)
+            self._cache[name] = value
         return self._cache[name]
 
     @staticmethod
@@ -113,7 +140,18 @@ class LayerStatistics:
         yield from zip(self.batches, self["routing"])
 
 
-@statistic("routing", summed=False)
+def _missing():
+    from ..stats_cache import MISSING  # here: stats_cache imports this module
+
+    return MISSING
+
+
+def cacheable(name: str) -> bool:
+    """Whether statistic `name` may be kept in the statistics cache (see `statistic`)."""
+    return name in _STATISTICS and name not in _NOT_CACHEABLE
+
+
+@statistic("routing", summed=False, cacheable=False)
 def layer_routing(stats: LayerStatistics) -> list[Routing]:
     """The model's own routing of every batch (one router pass per layer, however many readers).
 

@@ -118,6 +118,14 @@ class Method:
     # model's layers, as methods that gather every layer's statistics in one forward pass of the
     # unmodified model, e.g. HC-SMoE's released code). A method may set it per instance.
     propagation: ClassVar[str] = "compressed"
+    # False for a method whose `compress_layer` reads nothing from `ctx.stats` but the statistics in
+    # `needs` (no `stats.batches`, `stats.routed()`, other statistic): with `--propagate original` and
+    # all of them in the statistics cache the pipeline then propagates no hidden state at all.
+    # True (the safe default) for anything that reads the layer's inputs itself.
+    reads_inputs: ClassVar[bool] = True
+    # The run's `stats_cache.StatsCache` (None = none), set by the pipeline before `prepare`, for
+    # model-level statistics a method wants to reuse across runs (D²-MoE's Fisher).
+    stats_cache = None
     # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
     # True for methods that keep M experts per layer (pruning, merging): they honour a per-layer

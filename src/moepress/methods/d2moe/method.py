@@ -40,6 +40,7 @@ class D2MoE(Method):
     config_class = D2MoEConfig
     export = "custom"
     needs = ("frequency", "expert_gram")
+    reads_inputs = False  # prepare's Fisher reads token ids and the model, not the layer inputs
 
     def __init__(self, config: D2MoEConfig):
         super().__init__(config)
@@ -53,9 +54,29 @@ class D2MoE(Method):
         cfg = self.config
         if cfg.base == "fisher":
             ids = calibration_ids(calibration, cfg.fisher_samples)
-            self.fisher = fisher_bases(model, ids, cfg.fisher_batch_size, store=store)
+            self.fisher = self._cached_fisher(model, ids, store)
         if cfg.ratio_mode == "whole_model" and cfg.rank is None:
             self.delta_ratio = self._whole_model_delta_ratio(model)
+
+    def _cached_fisher(self, model, ids, store):
+        """`fisher_bases`, read from the statistics cache when this model, these token ids and these
+        Fisher options were seen before (keyed by every source weight: stats_cache.weights_digest)."""
+        from ... import distributed, stats_cache
+        from ...arch import moe_layer_indices
+        from . import fisher as fisher_module
+
+        cfg, cache = self.config, self.stats_cache
+
+        def compute():
+            return fisher_bases(model, ids, cfg.fisher_batch_size, store=store)
+
+        if cache is None:
+            return compute()
+        device = next(model.get_input_embeddings().parameters()).device
+        parts = (stats_cache.weights_digest(model, store), stats_cache.tensor_digest(ids),
+                 cfg.fisher_batch_size, cfg.fisher_chunk_layers, distributed.world_size(), device.type)
+        return stats_cache.cached_per_layer(cache, "d2moe_fisher", parts, moe_layer_indices(model), compute,
+                                            fisher_module.__file__)
 
     def _whole_model_delta_ratio(self, model) -> float:
         shapes = [MoELayerShape(v.num_experts, v.hidden_size, v.intermediate_size) for v in moe_layer_views(model)]

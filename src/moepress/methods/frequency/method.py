@@ -12,6 +12,7 @@ class FrequencyPruning(PruningMethod):
     name = "frequency"
     summary = "prune the least-routed experts (usage counts on calibration data); stock checkpoint"
     needs = ("frequency",)
+    reads_inputs = False
 
     def saliency(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.stats["frequency"]

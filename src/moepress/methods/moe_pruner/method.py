@@ -58,6 +58,7 @@ class MoEPruner(Method):
     config_class = MoEPrunerConfig
     export = "stock"
     needs = ("gated_input_sq",)
+    reads_inputs = False
 
     def keep_mask(self, weight: torch.Tensor, gated_sq: torch.Tensor, routed_tokens: float) -> torch.Tensor:
         """Boolean keep-mask `[out, in]` of one expert projection."""

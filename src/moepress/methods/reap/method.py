@@ -16,6 +16,12 @@ class ReapPruning(PruningMethod):
     summary = "prune by router-weighted expert activation norm (REAP); stock checkpoint"
     config_class = ReapConfig
     needs = ("reap",)
+    reads_inputs = False  # with the model's own routing weights (renormalize=None); see __init__
+
+    def __init__(self, config: ReapConfig):
+        super().__init__(config)
+        if config.renormalize is not None:  # reap_sums streams over the inputs itself
+            self.reads_inputs = True
 
     def saliency(self, ctx: LayerContext) -> torch.Tensor:
         if self.config.renormalize is None:

@@ -1,0 +1,476 @@
+"""A disk cache of per-layer calibration statistics, shared by runs (issue 11 item 1).
+
+Why: a grid over ratios or methods (`moepress bench`) computes the same statistics again and
+again (frequencies, REAP saliencies, Grams, expert-output features): they depend on the layer's
+inputs and weights, not on the ratio. `StatsCache` keeps them on disk, keyed by what they depend
+on, so a later run reuses what matches and computes only the rest.
+
+Keys (`LayerKeys`) make reuse exact, never approximate. A statistic of MoE layer i is identified by
+
+    hash(statistic name, its code version, the identity of layer i's INPUTS, layer i's weights)
+
+where the identity of the inputs is a running hash: the calibration token ids, the batching
+(batch size, data-parallel world size, device type: they change floating-point sums), the model
+config and the weights in front of layer 0 (embeddings), then for each earlier decoder layer the
+hash of the weights it had WHEN IT PROPAGATED the hidden states. Under `propagate="original"`
+those are the source weights, so every layer's statistics are shared by every ratio and method;
+under `"compressed"` (the default, sequential) only layers up to the first compressed one match a
+different ratio, and an identical rerun matches everywhere. The code version of a statistic is
+the hash of the source files that compute it (its own module, `calib/stats.py`, the `arch`
+package) and the moepress/torch versions, so editing a statistic never reuses a stale value.
+
+Only values every data-parallel rank shares are cached (all registered statistics but the
+per-rank, per-batch "routing", which is `cacheable=False`). Rank 0 decides hit or miss and
+writes; on a hit every rank reads the file (torch.load with weights_only=True).
+
+Storage: one file per entry, written atomically (temporary file + os.replace); least recently
+used entries are evicted beyond a size cap (env MOEPRESS_STATS_CACHE_GB, default 20 GB; an entry
+larger than the cap is not stored, said once). The directory defaults to
+`$MOEPRESS_STATS_CACHE` or `<user cache>/stats` (`resources.cache_dir`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from . import distributed
+
+#: Bumped when the key scheme or the file format changes.
+CACHE_FORMAT = "1"
+DEFAULT_GB = 20.0
+MISSING = object()
+PROPAGATIONS = ("compressed", "original")
+
+
+def default_directory() -> Path:
+    """`$MOEPRESS_STATS_CACHE` if set, else `<moepress cache>/stats`."""
+    root = os.environ.get("MOEPRESS_STATS_CACHE")
+    if root:
+        return Path(root).expanduser()
+    from .resources import cache_dir
+
+    return cache_dir() / "stats"
+
+
+def default_max_bytes() -> int:
+    """The size cap: `$MOEPRESS_STATS_CACHE_GB` gigabytes (default 20)."""
+    try:
+        gb = float(os.environ.get("MOEPRESS_STATS_CACHE_GB", DEFAULT_GB))
+    except ValueError:
+        gb = DEFAULT_GB
+    return int(gb * 1e9)
+
+
+def resolve(stats_cache, log: Callable[[str], None] | None = None) -> "StatsCache | None":
+    """A `StatsCache` from the API argument: True / "auto" = the default directory, a path = that
+    directory, False / None = no cache, or a `StatsCache` as is."""
+    if isinstance(stats_cache, StatsCache):
+        return stats_cache
+    if stats_cache is None or stats_cache is False:
+        return None
+    directory = default_directory() if stats_cache is True or stats_cache == "auto" else Path(stats_cache)
+    return StatsCache(directory, log=log)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in `value` (what torch.save will write, less its small framing)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class StatsCache:
+    """Statistic values on disk under `directory`, keyed by hex digests (see the module docstring).
+
+    Values: tensors, numbers, or dicts/lists/tuples of them (saved from the CPU). Counters `hits`,
+    `misses`, `stored` go into moepress.json (`describe`)."""
+
+    def __init__(self, directory: str | Path, max_bytes: int | None = None, log: Callable[[str], None] | None = None):
+        self.directory = Path(directory).expanduser()
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
+        self.log = log or (lambda message: None)
+        self.hits = self.misses = self.stored = 0
+        self.too_large_said = self.write_error_said = False
+        self.inputs_propagated: bool | None = None  # set by the pipeline: False = every statistic came from here
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.pt"
+
+    def contains(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str, device: torch.device | None = None):
+        """The value under `key` (tensors on `device`), or `MISSING`. Counts a hit or a miss."""
+        path = self._path(key)
+        try:
+            value = torch.load(path, map_location=device or "cpu", weights_only=True)
+        except (FileNotFoundError, OSError, RuntimeError, EOFError, ValueError):
+            self.misses += 1
+            return MISSING
+        try:
+            os.utime(path)  # least recently used = oldest mtime
+        except OSError:
+            pass
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value) -> bool:
+        """Store `value` atomically; returns whether it was stored (not when larger than the cap)."""
+        if _nbytes(value) > self.max_bytes:  # known too large before serialising (a 13 GB Gram is not written)
+            self._say_too_large(_nbytes(value))
+            return False
+        value = _to_cpu(value)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.directory)
+        except OSError as exc:  # a read-only or full cache never fails the compression itself
+            self._say_write_error(exc)
+            return False
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(value, fh)
+            size = os.path.getsize(tmp)
+            if size > self.max_bytes:
+                self._say_too_large(size)
+                os.unlink(tmp)
+                return False
+            self._evict(self.max_bytes - size)
+            target = self._path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if not isinstance(exc, OSError):
+                raise
+            self._say_write_error(exc)
+            return False
+        self.stored += 1
+        return True
+
+    def _say_write_error(self, exc: OSError) -> None:
+        if not self.write_error_said:
+            self.log(f"statistics cache: cannot write to {self.directory} ({exc}); continuing without storing")
+            self.write_error_said = True
+
+    def _say_too_large(self, size: int) -> None:
+        if not self.too_large_said:
+            self.log(f"statistics cache: an entry of {size / 1e9:.2f} GB exceeds the cap of "
+                     f"{self.max_bytes / 1e9:.2f} GB (MOEPRESS_STATS_CACHE_GB) and is not stored")
+            self.too_large_said = True
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        out = []
+        for path in self.directory.glob("??/*.pt"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def _evict(self, budget: int) -> None:
+        """Remove the least recently used entries until the rest takes at most `budget` bytes."""
+        entries = sorted(self._entries())
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total <= budget:
+                break
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            total -= size
+
+    def describe(self) -> dict:
+        out = {"dir": str(self.directory), "hits": self.hits, "misses": self.misses, "stored": self.stored}
+        if self.inputs_propagated is not None:
+            out["inputs_propagated"] = self.inputs_propagated
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+
+def _hasher():
+    return hashlib.sha256()  # measured here: sha256 ~680 MB/s, blake2b ~470 MB/s on one core
+
+
+def _update(h, name: str, tensor: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, bytes) into hash `h`."""
+    t = tensor.detach()
+    if t.is_meta:
+        raise ValueError(f"cannot hash {name}: it is on the meta device")
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def module_digest(module: nn.Module) -> str:
+    """Hash of every parameter and buffer of `module` (names, dtypes, shapes, bytes).
+
+    One pass over the bytes (sha256, ~0.7 GB/s on one core here): far below a layer's forward
+    over the calibration tokens."""
+    h = _hasher()
+    for name, tensor in sorted(module.state_dict().items()):
+        _update(h, name, tensor)
+    return h.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of one tensor's dtype, shape and bytes."""
+    h = _hasher()
+    _update(h, "", tensor)
+    return h.hexdigest()
+
+
+def _update_outside_layers(h, model: nn.Module, layers: nn.Module) -> None:
+    """Feed the config (less names and dtype labels) and every tensor outside `layers` into `h`."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "name_or_path", "dtype", "torch_dtype", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    skipped = {id(t) for t in layers.state_dict(keep_vars=True).values()}
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if id(tensor) not in skipped and not tensor.is_meta:
+            _update(h, name, tensor)
+
+
+def combine(*parts) -> str:
+    h = _hasher()
+    for part in parts:
+        h.update(str(part).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.cache
+def code_version(*files: str) -> str:
+    """Hash of `files` plus the `arch` and `ops` packages, `calib/stats.py`, the moepress and torch
+    versions: an edit anywhere there invalidates the values computed by that code."""
+    from . import __version__
+
+    here = Path(__file__).parent
+    every = {str(Path(f)) for f in files} | {str(here / "calib" / "stats.py")}
+    every |= {str(p) for p in (here / "arch").glob("*.py")} | {str(p) for p in (here / "ops").glob("*.py")}
+    return combine(CACHE_FORMAT, __version__, torch.__version__,
+                   *(f"{Path(f).name}:{_file_digest(f)}" for f in sorted(every)))
+
+
+def statistic_version(name: str) -> str:
+    """Code version of statistic `name` (`code_version` of the module that defines it)."""
+    import inspect
+
+    from .calib import stats as stats_module
+
+    return code_version(inspect.getsourcefile(stats_module._STATISTICS[name]))
+
+
+def context_digest(model: nn.Module, calibration, batch_size: int, device: torch.device | None,
+                   skip: nn.Module) -> str:
+    """Identity of layer 0's inputs: calibration tokens, batching (batch size, world size, device
+    type), config, weights outside `skip` (the decoder layers)."""
+    h = _hasher()
+    h.update(f"{CACHE_FORMAT}|{batch_size}|{distributed.world_size()}|{(device or torch.device('cpu')).type}|".encode())
+    _update(h, "input_ids", calibration.input_ids)
+    _update_outside_layers(h, model, skip)
+    return h.hexdigest()
+
+
+class LayerKeys:
+    """The running identity of the calibration hidden states as they pass the decoder layers.
+
+    `inputs` is the identity of the current layer's inputs; `advance(digest)` moves past a layer
+    that propagated with weights of hash `digest`."""
+
+    def __init__(self, context: str):
+        self.inputs = context
+
+    def advance(self, propagated_digest: str) -> None:
+        self.inputs = combine("layer", self.inputs, propagated_digest)
+
+
+class LayerCache:
+    """The cache as one `LayerStatistics` sees it (`load(name)` / `save(name, value)`).
+
+    Rank 0 decides whether an entry is there and tells the other ranks, so every rank takes the
+    same branch (a miss computes with collectives); on a hit every rank reads the file."""
+
+    def __init__(self, cache: StatsCache, inputs: str, layer_digest: str, device: torch.device | None = None):
+        self.cache, self.inputs, self.layer_digest, self.device = cache, inputs, layer_digest, device
+
+    def key(self, name: str) -> str:
+        return combine("statistic", name, statistic_version(name), self.inputs, self.layer_digest)
+
+    def present(self, name: str) -> bool:
+        here = self.cache.contains(self.key(name)) if distributed.is_main_process() else None
+        return bool(distributed.broadcast_object(here))
+
+    def load(self, name: str):
+        if not self.present(name):
+            self.cache.misses += 1
+            return MISSING
+        value = self.cache.get(self.key(name), self.device)
+        if value is MISSING and distributed.is_distributed():  # evicted meanwhile by another process: the
+            # other ranks may have read it, so computing here alone would desynchronise the collectives
+            raise RuntimeError(f"statistics cache entry {name!r} vanished while being read; rerun")
+        return value  # in one process a vanished entry is simply computed
+
+    def save(self, name: str, value) -> None:
+        if distributed.is_main_process():
+            self.cache.put(self.key(name), value)
+
+
+class PipelineCache:
+    """What the layer loop (`pipeline.compress_layers`) asks of the cache, in one place.
+
+    Args:
+        cache: the `StatsCache`.
+        propagation: "compressed" (the next layer's inputs come from the compressed layer) or
+            "original" (from the source layer: every layer's statistics are then independent of the
+            method and ratio, and reusable by any run on the same model and calibration).
+    """
+
+    def __init__(self, cache: StatsCache, model: nn.Module, calibration, batch_size: int,
+                 device: torch.device | None, propagation: str, layers: nn.Module):
+        self.cache, self.propagation, self.device = cache, propagation, device
+        self.keys = LayerKeys(context_digest(model, calibration, batch_size, device, layers))
+        self.digests: dict[int, str] = {}  # layer index -> hash of the weights it was onloaded with
+        self.inputs: dict[int, str] = {}  # layer index -> identity of its inputs
+        self.cache.inputs_propagated = True
+
+    def inputs_needed(self, method, moe: list[int], num_layers: int, store) -> bool:
+        """False when nothing needs the calibration hidden states at all: original propagation, a
+        method that reads only its declared statistics (`reads_inputs=False`), and every one of them
+        cached for every MoE layer. Hashes every layer's source weights once to know (through
+        `store.load_original`). Rank 0 decides, every rank follows."""
+        names = list(method.needs)
+        if self.propagation != "original" or getattr(method, "reads_inputs", True):
+            return True
+        from .calib.stats import cacheable
+
+        if not all(cacheable(n) for n in names):
+            return True
+        keys = LayerKeys(self.keys.inputs)
+        for i in range(num_layers):
+            layer = store.load_original(i)
+            try:
+                digest = module_digest(layer)
+            finally:
+                store.release(i)
+            self.digests[i] = digest
+            self.inputs[i] = keys.inputs
+            keys.advance(digest)
+        present = all(self.cache.contains(LayerCache(self.cache, self.inputs[i], self.digests[i]).key(n))
+                      for i in moe for n in names) if distributed.is_main_process() else None
+        needed = not bool(distributed.broadcast_object(present))
+        self.cache.inputs_propagated = needed
+        return needed
+
+    def onloaded(self, index: int, layer: nn.Module) -> None:
+        """Layer `index` is onloaded (on the CPU, before any compression): note its identity."""
+        if index not in self.digests:
+            self.digests[index] = module_digest(layer)
+        self.inputs.setdefault(index, self.keys.inputs)
+
+    def layer_cache(self, index: int) -> LayerCache:
+        return LayerCache(self.cache, self.inputs[index], self.digests[index], self.device)
+
+    def propagated(self, index: int, layer: nn.Module, changed: bool) -> None:
+        """The hidden states moved past layer `index`: through its source weights under original
+        propagation, else through `layer` as it is now (`changed`: it was compressed: hash again)."""
+        if self.propagation == "original" or not changed:
+            self.keys.advance(self.digests[index])
+        else:
+            self.keys.advance(module_digest(layer))
+
+
+# ---------------------------------------------------------------------------------------------- model level
+
+
+def weights_digest(model: nn.Module, store=None) -> str:
+    """Hash of the whole ORIGINAL model: config, weights outside the decoder layers and every decoder
+    layer's source weights (read through `store.load_original`, one layer at a time)."""
+    from .arch import decoder_layers
+    from .layer_store import InMemoryLayers
+
+    store = store if store is not None else InMemoryLayers(model)
+    layers = decoder_layers(model)
+    h = _hasher()
+    _update_outside_layers(h, model, layers)
+    for i in range(len(layers)):
+        layer = store.load_original(i)
+        try:
+            h.update(module_digest(layer).encode())
+        finally:
+            store.release(i)
+    return h.hexdigest()
+
+
+class CachedLayers(Mapping):
+    """`{layer index: value}` read from the cache one layer at a time (the last one read is kept)."""
+
+    def __init__(self, cache: StatsCache, keys: dict[int, str]):
+        self._cache, self._keys = cache, keys
+        self._last: tuple[int, object] | None = None
+
+    def __getitem__(self, index: int):
+        if self._last is None or self._last[0] != index:
+            value = self._cache.get(self._keys[index])
+            if value is MISSING:
+                raise RuntimeError(f"statistics cache entry of layer {index} vanished while being read; rerun")
+            self._last = (index, value)
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def cached_per_layer(cache: StatsCache | None, name: str, parts: tuple, layers: list[int],
+                     compute: Callable[[], Mapping], code_file: str) -> Mapping:
+    """A model-level statistic stored one entry per layer (e.g. D²-MoE's Fisher bases).
+
+    `parts` identify its inputs (weights digest, token ids, options); `code_file` is the module
+    that computes it (`code_version`). Every entry present: a `CachedLayers` over them (rank 0
+    decides, every rank reads); else `compute()`, whose layers rank 0 stores. No cache: `compute()`."""
+    if cache is None:
+        return compute()
+    keys = {i: combine("model-statistic", name, code_version(code_file), *parts, i) for i in layers}
+    present = all(cache.contains(k) for k in keys.values()) if distributed.is_main_process() else None
+    if distributed.broadcast_object(present):
+        return CachedLayers(cache, keys)
+    cache.misses += len(keys)
+    value = compute()
+    if distributed.is_main_process():
+        for i, key in keys.items():
+            cache.put(key, dict(value[i]))
+    return value
