@@ -81,3 +81,20 @@ def test_qwen3_30b_a3b_shapes():
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     total = sum(p.numel() for p in model.parameters())
     assert 3.0e9 < total < 3.3e9  # 4 layers of ~623 M + two 311 M embedding matrices
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_reader_copies_experts_in_place(tmp_path, layout):
+    """`CheckpointReader.copy_into` (the streaming loader's path) fills a fused fp32 tensor from
+    either layout, cast exactly, without building the fused tensor first."""
+    config = tiny_config("qwen3_moe", num_layers=1)
+    write_synthetic_checkpoint(config, tmp_path / "c", std=0.05, layout=layout)
+    expected = synthetic_state_dict(config, std=0.05)
+    reader = CheckpointReader(tmp_path / "c", FAMILIES["qwen3_moe"])
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+                 "model.layers.0.mlp.gate.weight"):
+        dest = torch.full(expected[name].shape, float("nan"))
+        reader.copy_into(name, dest)
+        assert torch.equal(dest, expected[name].float()), name
+    with pytest.raises(KeyError):
+        reader.copy_into("model.layers.5.mlp.experts.down_proj", torch.empty(8, 64, 48))

@@ -134,12 +134,14 @@ class StreamingLayers:
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 key = f"{prefix}{name}"
                 try:
-                    value = self.reader.tensor(key)
+                    if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                        tensor.copy_(self.reader.tensor(key).to(self.dtype))  # rounded through self.dtype
+                    else:  # in place, no full-size temporary (copy_ casts)
+                        self.reader.copy_into(key, tensor)
                 except KeyError:
                     if isinstance(tensor, nn.Parameter):
                         raise
                     continue  # non-persistent buffer: rebuilt below by its owner
-                tensor.copy_(value.to(tensor.dtype if not tensor.is_floating_point() else self.dtype))
 
     def onload(self, index: int) -> nn.Module:
         layer = decoder_layers(self.model)[index]

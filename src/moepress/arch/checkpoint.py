@@ -80,3 +80,26 @@ class CheckpointReader:
         except KeyError:
             pass
         raise KeyError(f"tensor {name!r} not found in {self.path} (neither fused nor per-expert layout)")
+
+    def copy_into(self, name: str, dest: torch.Tensor) -> None:
+        """`dest.copy_(self.tensor(name))` (cast to `dest`'s dtype) without a full-size temporary:
+        a per-expert checkpoint is copied expert by expert into the fused destination, so reading
+        a layer of 128 experts costs no transient copy of its experts (bounded-memory runs)."""
+        fused = _FUSED.match(name)
+        if name in self or not fused or self.spec.hub_expert_names is None or dest.dim() != 3:
+            dest.copy_(self.tensor(name))
+            return
+        names = self.spec.hub_expert_names
+        prefix = f"{fused['layer']}.{self.spec.hub_block}.experts."
+        if f"{prefix}0.{names[0]}.weight" not in self:
+            dest.copy_(self.tensor(name))  # raises the usual KeyError
+            return
+        if f"{prefix}{dest.shape[0]}.{names[0]}.weight" in self or f"{prefix}{dest.shape[0] - 1}.{names[2]}.weight" not in self:
+            raise ValueError(f"{self.path}: the expert count of {prefix}* differs from the model's {dest.shape[0]}")
+        for j in range(dest.shape[0]):
+            if fused["kind"] == "down_proj":
+                dest[j].copy_(self._raw(f"{prefix}{j}.{names[2]}.weight"))
+            else:  # gate rows first, then up rows
+                gate = self._raw(f"{prefix}{j}.{names[0]}.weight")
+                dest[j, : gate.shape[0]].copy_(gate)
+                dest[j, gate.shape[0]:].copy_(self._raw(f"{prefix}{j}.{names[1]}.weight"))
