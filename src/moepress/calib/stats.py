@@ -80,7 +80,8 @@ class LayerStatistics:
         if name not in self._cache:
             if name not in _STATISTICS:
                 raise KeyError(f"unknown statistic {name!r}; known: {sorted(_STATISTICS)}")
-            value = _STATISTICS[name](self)
+            with torch.no_grad():  # statistics are sums of forwards, never differentiated
+                value = _STATISTICS[name](self)
             self._cache[name] = self.reduce(value) if name in _SUMMED else value
         return self._cache[name]
 
