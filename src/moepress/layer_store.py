@@ -134,9 +134,9 @@ class StreamingLayers:
             for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
                 key = f"{prefix}{name}"
                 try:
-                    if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                    if tensor.is_floating_point() and tensor.dtype != self.dtype and self.dtype != torch.float32:
                         tensor.copy_(self.reader.tensor(key).to(self.dtype))  # rounded through self.dtype
-                    else:  # in place, no full-size temporary (copy_ casts)
+                    else:  # in place, no full-size temporary (copy_ casts; through float32 would round alike)
                         self.reader.copy_into(key, tensor)
                 except KeyError:
                     if isinstance(tensor, nn.Parameter):
@@ -261,8 +261,12 @@ def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.
     store = StreamingLayers(model, CheckpointReader(path, spec), dtype, work_dir, owns_work_dir, output_dtype)
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in _non_layer_modules(model):
-        if tied and module is model.get_output_embeddings():
-            continue
+        if module is model.get_output_embeddings():
+            if tied:
+                continue
+            # compression never runs the head (D²-MoE's Fisher casts it to the states' dtype): hold it
+            # in the dtype it is saved in, half the memory of a float32 copy for a bfloat16 output
+            module.to(dtype=store.output_dtype)
         store._load_into(module, f"{name}.")
         if any(True for _ in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
             _rebuild_rotary(model, name, module, config)

@@ -23,12 +23,10 @@ import os
 import re
 import shutil
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_file
 
 from .families import FAMILIES
 
@@ -56,8 +54,13 @@ def _generator(seed: int, key: str) -> torch.Generator:
 
 
 def _random(shape, dtype: torch.dtype, std: float, seed: int, key: str) -> torch.Tensor:
-    """One tensor drawn from its own generator (float32 draw, then cast: the same on every machine)."""
-    return (torch.randn(shape, generator=_generator(seed, key)) * std).to(dtype)
+    """One tensor drawn from its own generator, in chunks of 4 M values (float32 draw, then cast), so
+    a large embedding costs no float32 copy of itself."""
+    generator = _generator(seed, key)
+    out = torch.empty(shape, dtype=dtype)
+    for chunk in out.view(-1).split(1 << 22):
+        chunk.copy_(torch.randn(chunk.numel(), generator=generator) * std)
+    return out
 
 
 def _value(name: str, shape: torch.Size, dtype: torch.dtype, std: float, seed: int) -> torch.Tensor:
@@ -96,28 +99,65 @@ def synthetic_state_dict(config, *, dtype: torch.dtype = torch.bfloat16, std: fl
     return state
 
 
-def _disk_tensors(name: str, shape: torch.Size, dtype, std, seed, family, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(key, tensor)` pairs as written for one in-memory tensor, in the chosen disk layout."""
+def _disk_tensors(name: str, shape: torch.Size, dtype, std, seed, family, layout: str):
+    """`(key, shape, make)` for the tensors written for one in-memory tensor in the chosen disk
+    layout; `make()` draws the value (called only when its bytes are written)."""
     fused = _FUSED.match(name)
     names = family.hub_expert_names
     hub = layout == "hub" and names is not None and family.expert_layout == "fused"
     if fused and hub:
         prefix = f"{fused['layer']}.{family.hub_block}.experts."
         for j in range(shape[0]):
-            value = _expert_slice(name, j, shape, dtype, std, seed)
             if fused["kind"] == "down_proj":
-                yield f"{prefix}{j}.{names[2]}.weight", value
-            else:  # gate rows first, then up rows (the fused layout)
-                half = value.shape[0] // 2
-                yield f"{prefix}{j}.{names[0]}.weight", value[:half].contiguous()
-                yield f"{prefix}{j}.{names[1]}.weight", value[half:].contiguous()
+                yield (f"{prefix}{j}.{names[2]}.weight", shape[1:],
+                       lambda j=j: _expert_slice(name, j, shape, dtype, std, seed))
+            else:  # gate rows first, then up rows (the fused layout); one draw per expert serves both
+                half = shape[1] // 2
+                drawn = {}
+
+                def part(j=j, lo=0, drawn=drawn):
+                    if j not in drawn:
+                        drawn.clear()
+                        drawn[j] = _expert_slice(name, j, shape, dtype, std, seed)
+                    return drawn[j][lo:lo + half]
+
+                yield f"{prefix}{j}.{names[0]}.weight", (half, *shape[2:]), part
+                yield f"{prefix}{j}.{names[1]}.weight", (half, *shape[2:]), lambda j=j, part=part: part(j, half)
         return
     if fused:
-        yield name, torch.stack([_expert_slice(name, j, shape, dtype, std, seed) for j in range(shape[0])])
+        yield name, shape, lambda: torch.stack([_expert_slice(name, j, shape, dtype, std, seed) for j in range(shape[0])])
         return
     router = _ROUTER.match(name)
     key = f"{router['layer']}.{family.hub_block}.gate.weight" if router and hub else name
-    yield key, _value(name, shape, dtype, std, seed)
+    yield key, shape, lambda: _value(name, shape, dtype, std, seed)
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple, torch.dtype, object]]) -> int:
+    """Write a safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is known
+    from the shapes, then each value is drawn, written and dropped, so the file is never in memory.
+    Returns the bytes of tensor data. (Format: 8-byte little-endian header length, JSON header
+    padded with spaces to a multiple of 8, then the raw little-endian data in header order.)"""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, dtype, _ in entries:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for key, shape, dtype, make in entries:
+            value = make().contiguous()
+            if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                raise AssertionError(f"{key}: drew {tuple(value.shape)} {value.dtype}, header says {shape} {dtype}")
+            if value.numel():
+                fh.write(memoryview(value.view(-1).view(torch.uint8).numpy()))  # no copy
+    return offset
 
 
 def write_synthetic_checkpoint(config, path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
@@ -160,14 +200,10 @@ def write_synthetic_checkpoint(config, path: str | Path, *, dtype: torch.dtype =
         weight_map, total = {}, 0
         for k, group in enumerate(order, 1):
             fname = f"model-{k:05d}-of-{len(order):05d}.safetensors"
-            shard = {}
-            for name, shape in groups[group]:
-                for key, value in _disk_tensors(name, shape, dtype, std, seed, family, layout):
-                    shard[key] = value
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-            weight_map.update(dict.fromkeys(shard, fname))
-            del shard
+            entries = [(key, tuple(shp), dtype, make) for name, shape in groups[group]
+                       for key, shp, make in _disk_tensors(name, shape, dtype, std, seed, family, layout)]
+            total += _write_safetensors(tmp / fname, entries)
+            weight_map.update(dict.fromkeys((e[0] for e in entries), fname))
             if progress is not None:
                 progress(fname, (tmp / fname).stat().st_size)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
