@@ -52,6 +52,15 @@ class CheckpointReader:
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
 
+    def stored_dtype(self, key: str) -> torch.dtype | None:
+        """The dtype `key` is stored in (None: not stored under that name, or a dtype not listed here)."""
+        if key not in self:
+            return None
+        fname = self.weight_map[key]
+        with open(self.path / fname, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        return _SAFETENSORS_DTYPES.get(header[key]["dtype"])
+
     def _raw(self, key: str) -> torch.Tensor:
         """One tensor read with plain file reads into its own buffer, not through a memory map: the
         pages of a mapped checkpoint count in the process's resident set until unmapped (a layer of a
