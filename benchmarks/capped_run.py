@@ -22,11 +22,12 @@ watchdog's sampled peak and per-stage peaks from moepress.json beside it.
 
     .venv/bin/python benchmarks/capped_run.py [--layers 6] [--methods reap,mergemoe] [--cap-gb 6.5] [--keep]
 
-Why 6 layers by default: the peak of a streamed run is one decoder layer in float32 (the compute
-dtype: 2.3 GiB at this width) + the kept experts' copy while the block is rebuilt (1.2 GiB at
-ratio 0.5) + the float32 input embeddings (1.2 GiB) + the head in the output dtype (0.6 GiB),
-whatever the depth, about 5.7 GiB; the bfloat16 checkpoint is 1.2 GiB + 1.2 GiB per layer
-(5.8 GiB for 4 layers, 8.1 GiB for 6), so with 4 layers the peak only equals the checkpoint's size.
+Why 6 layers by default: the peak of a streamed REAP run is one decoder layer in float32 (the
+compute dtype: 2.3 GiB at this width) + the kept experts' copy while the block is rebuilt (1.2 GiB
+at ratio 0.5) + the input embeddings and the head as stored in bfloat16 (0.6 GiB each) + the
+interpreter and libraries (~0.5 GiB), about 5.1 GiB whatever the depth; the bfloat16 checkpoint is
+1.2 GiB + 1.2 GiB per layer (5.8 GiB for 4 layers, 8.1 GiB for 6): with 4 layers the margin
+under a cap below the checkpoint's size would be thin.
 
 The synthetic files are deleted at the end unless `--keep` (or `--root DIR` to put them somewhere).
 """

@@ -149,7 +149,7 @@ class StreamingLayers:
             self._restore_finished(layer, index)
         elif next(layer.parameters()).is_meta:
             self._load_into(layer, f"{LAYER_PREFIX}{index}.")
-            self.reader.close()  # unmap what this layer touched
+            self.reader.close()  # close the files this layer was read from
         return layer
 
     def load_original(self, index: int) -> nn.Module:
