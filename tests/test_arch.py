@@ -90,3 +90,26 @@ def test_unsupported_architecture_names_supported_families():
                                       num_attention_heads=2)
     with pytest.raises(UnsupportedArchitecture, match="mixtral.*gpt_oss"):
         family_of(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_select_keeps_exactly_the_chosen_experts_in_every_layout(family):
+    """`select` slices the stored tensors directly (no unpack/pack): the new block's experts, biases
+    and router rows are the chosen ones of the original, in order, and share no storage with it."""
+    from moepress.arch import MoELayerView
+
+    model = tiny_model(family)
+    view = moe_layer_views(model)[0]
+    keep = [0, 3, 4, 7]
+    block = view.select(keep)
+    new = MoELayerView(block, view.spec, view.config, view.layer_index)
+    for name in ("gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias", "down_bias"):
+        old_t, new_t = getattr(view, name), getattr(new, name)
+        if old_t is None:
+            assert new_t is None
+            continue
+        assert torch.equal(new_t, old_t[keep]), name
+    for name, t in view.router_tensors().items():
+        assert torch.equal(new.router_tensors()[name], t[keep]), name
+    olds = {t.untyped_storage().data_ptr() for t in view.block.state_dict().values()}
+    assert not olds & {t.untyped_storage().data_ptr() for t in block.state_dict().values()}

@@ -142,6 +142,30 @@ def test_moe_pruner_stock_round_trip(family, tokenizer, calib_file, tmp_path):
     assert all(v["routed_nonzero"] < v["routed_parameters"] for v in layers.values())
 
 
+def test_moe_pruner_record_and_eval_count_the_stored_nonzeros(tokenizer, calib_file, tmp_path):
+    """Dense tensors with zeros: moepress.json's `parameters.after_nonzero` and `evaluate`'s
+    `params/*_nonzero` give the non-zeros, equal to a count over the saved weights; a dense
+    method's record and a dense model's report have none."""
+    model = tiny_model("qwen3_moe")
+    result = moepress.compress(model, "moe_pruner", 0.5, calib=calib_file, samples=4, seq_len=32, tokenizer=tokenizer)
+    out = result.save(tmp_path / "out")
+    params = json.loads((out / "moepress.json").read_text())["parameters"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    nonzero = sum(int(torch.count_nonzero(w)) for ws in _expert_weights(reloaded).values() for w in ws.values())
+    routed = params["after"]["routed_experts"]
+    assert params["after"]["routed_experts"] == params["before"]["routed_experts"]  # dense: unchanged
+    assert params["after_nonzero"]["routed_experts"] == nonzero
+    assert params["after_nonzero"]["total"] == params["after"]["total"] - routed + nonzero
+    assert abs(params["after_nonzero"]["routed_sparsity"] - 0.5) < 0.01
+    metrics = moepress.evaluate(reloaded, tokenizer=tokenizer).metrics
+    assert metrics["params/routed_experts_nonzero"] == nonzero
+    assert metrics["params/total_nonzero"] == params["after_nonzero"]["total"]
+    assert "params/total_nonzero" not in moepress.evaluate(tiny_model("qwen3_moe"), tokenizer=tokenizer).metrics
+    dense = moepress.compress(tiny_model("qwen3_moe"), "frequency", 0.5, calib=calib_file, samples=4, seq_len=32,
+                              tokenizer=tokenizer)
+    assert "after_nonzero" not in dense.record["parameters"]
+
+
 # ---------------------------------------------------------------------------- MoE-I²: budgets and allocation
 def test_pruned_expert_allocation_spends_the_budget_where_experts_matter_least():
     costs = [torch.tensor([5.0, 0.1, 4.0, 0.2]), torch.tensor([3.0, 3.0, 3.0, 0.3]), torch.tensor([9.0, 8.0, 7.0, 6.0])]

@@ -247,3 +247,23 @@ def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpo
     # a different run (another ratio) never reuses these shards
     other = moepress.compress(src, method, 0.25, **kwargs)
     assert other.record["stages"]["calibration"]["resumed_layers"] == 0
+
+
+@pytest.mark.parametrize("renormalize", [None, True])
+def test_reap_scores_carry_no_autograd_graph(renormalize):
+    """REAP's sums ran the experts with gradients on, so its scores reached `choose` with
+    requires_grad (a UserWarning at `float(score)`): statistics are computed without autograd."""
+    import warnings
+
+    from moepress.methods.base import LayerContext, build_method
+
+    model = tiny_model("mixtral")
+    view = moe_layer_views(model)[0]
+    stats = LayerStatistics(view, [torch.randn(24, view.hidden_size)])
+    method = build_method("reap", renormalize=renormalize)
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = method.saliency(LayerContext(view, stats, 0, 1, model))
+        assert not scores.requires_grad and scores.grad_fn is None
+        assert not stats["reap"].requires_grad
+        method.choose(LayerContext(view, stats, 0, 1, model), 4)

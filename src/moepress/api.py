@@ -250,7 +250,7 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "propagation": propagate if calibration is not None else "none",
         "stats_cache": cache.describe() if cache is not None else None,
         "layers": {str(k): v for k, v in records.items()},
-        "parameters": {"before": before, "after": (after := parameter_counts(model_obj))},
+        "parameters": _parameters_record(before, (after := parameter_counts(model_obj)), records),
         "layer_selection": selection_record(plan, before, after),
         "budget": plan.budget_record(),
         "versions": library_versions(),
@@ -308,6 +308,18 @@ def _work_dir(offload, model, method: Method, target: OutputDir | None) -> tuple
     # one directory for all data-parallel ranks: rank 0's
     return Path(distributed.broadcast_object(tempfile.mkdtemp(prefix="moepress-work-")
                                              if distributed.is_main_process() else None)), True
+
+
+def _parameters_record(before: dict, after: dict, records: dict) -> dict:
+    """`parameters` of moepress.json; with `after_nonzero` when the method zeroes weights in place
+    (MoE-Pruner: dense tensors, so `after` alone would not show what was removed)."""
+    from .ops.nonzero import nonzero_from_records
+
+    out = {"before": before, "after": after}
+    nonzero = nonzero_from_records(records, after)
+    if nonzero is not None:
+        out["after_nonzero"] = nonzero
+    return out
 
 
 def _open_model(model, method: Method, tokenizer, work: tuple[Path, bool] | None, out_dtype: torch.dtype):

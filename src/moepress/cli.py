@@ -206,6 +206,9 @@ def _print_result(result, path: Path, method: str, model: str) -> None:
         table.add_column(col, justify="right")
     for name, c in (("before", before), ("after", after)):
         table.add_row(name, f"{c['total']:,}", f"{c['routed_experts']:,}", f"{c['active_per_token']:,}")
+    nz = result.record["parameters"].get("after_nonzero")
+    if nz:  # weights zeroed in dense tensors: the non-zeros are what a sparse format would store
+        table.add_row("after, non-zeros", f"{nz['total']:,}", f"{nz['routed_experts']:,}", "–")
     Console().print(table)
     Console().print(f"checkpoint: {path} ({result.record.get('dtype', '?')})")
     quant = result.record.get("quantization")

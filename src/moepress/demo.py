@@ -89,16 +89,17 @@ def demo_table(rows: dict[str, dict], ratio: float):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=f"moepress demo: the reference model compressed at ratio {ratio}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 1),
+    table = Table(title=f"moepress demo: the reference model compressed at ratio {ratio}", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=0,
                   caption=("↓ lower is better, ↑ higher is better. retained % = how much of the original's quality "
                            "is kept (original/compressed for perplexity, compressed/original for next-chunk "
                            "accuracy); 100 = nothing lost. geo-mean ppl = geometric mean of the held-out domains' "
                            "perplexities. * vectors not yet learned (no finetune)."))
-    columns = ("model", "params", "active / token", "geo mean ppl ↓", "retained %", "next chunk acc ↑",
-               "domain acc ↑", "retained %")
-    for i, name in enumerate(columns):  # headers wrap at spaces; no cell is cut in an 80-column terminal
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold",
-                         min_width=None if i == 0 else 6)
+    # headers broken into lines by hand: the table's natural width (74 columns with the longest
+    # label, compressed_experts*) fits an 80-column terminal, so rich never folds a header mid-word
+    columns = ("model", "params", "active\n/ token", "geo mean\nppl ↓", "retained\n%", "next\nchunk\nacc ↑",
+               "domain\nacc ↑", "retained\n%")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     original = rows["original"]
     acc = "next_chunk/acc"
     for label, m in rows.items():

@@ -279,7 +279,8 @@ def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: 
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if id(tensor) in skipped or tensor.is_meta or not tensor.is_floating_point():
             continue
-        if not bool(torch.isfinite(tensor).all()):
+        flat = tensor.detach().reshape(-1)  # in chunks: isfinite makes full-size temporaries
+        if not all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 22)):
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
             raise InputError(f"{where}: weight {prefix}{name} holds {nan} NaN and {inf} Inf values; the model "
                              f"checkpoint is damaged (nothing was written)")

@@ -207,7 +207,11 @@ class MoELayerView:
             the new block; shared experts and every other tensor are copied from this block.
             The caller installs it (`set_moe_block`) and updates the model config.
         """
-        m = gate.shape[0]
+        packed = self.expert_format.pack(gate, up, down, gate_bias, up_bias, down_bias)
+        return self._assemble(gate.shape[0], router, packed)
+
+    def _assemble(self, m: int, router: dict[str, torch.Tensor], packed: dict[str, torch.Tensor]) -> nn.Module:
+        """A new block of `m` experts from stored-layout expert tensors `packed` and router rows."""
         cfg = copy.deepcopy(self.config)
         set_expert_count(cfg, self.spec, m)
         with torch.device("meta"):
@@ -216,7 +220,6 @@ class MoELayerView:
         prefix_r = self.spec.router_attr + "."
         for name, t in router.items():
             state[prefix_r + name] = t
-        packed = self.expert_format.pack(gate, up, down, gate_bias, up_bias, down_bias)
         for name, t in packed.items():
             state["experts." + name] = t.contiguous()
         # Never alias the old block's storage: the caller may still read the original.
@@ -245,11 +248,13 @@ class MoELayerView:
     def select(self, keep: list[int] | torch.Tensor) -> nn.Module:
         """A new block holding only the experts `keep` (router rows sliced the same way)."""
         idx = torch.as_tensor(keep, dtype=torch.long, device=self.experts.gate_up_proj.device)
-        biases = {}
-        if self.gate_bias is not None:
-            biases = dict(gate_bias=self.gate_bias[idx], up_bias=self.up_bias[idx], down_bias=self.down_bias[idx])
         router = {k: v.detach()[idx] for k, v in self.router_tensors().items()}
-        return self.rebuild(self.gate_proj[idx], self.up_proj[idx], self.down_proj[idx], router, **biases)
+        # every stored expert tensor (either layout) has the expert first: slice it as stored, one copy
+        # of the kept experts (no unpack/pack round trip: a 128-expert layer's would be twice the size)
+        packed = {name: getattr(self.experts, name).detach()[idx]
+                  for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+                  if getattr(self.experts, name, None) is not None}
+        return self._assemble(len(idx), router, packed)
 
 
 def set_expert_count(config, spec: FamilySpec, count: int) -> None:

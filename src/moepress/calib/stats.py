@@ -104,7 +104,8 @@ class LayerStatistics:
                     raise RuntimeError(f"statistic {name!r} is not in the statistics cache and the layer inputs were "
                                        f"not propagated; the method must list it in `needs` and set "
                                        f"reads_inputs=True if it reads anything else")
-                value = _STATISTICS[name](self)
+                with torch.no_grad():  # statistics are sums of forwards, never differentiated
+                    value = _STATISTICS[name](self)
                 value = self.reduce(value) if name in _SUMMED else value
                 if cached:
                     self.disk.save(name, value)

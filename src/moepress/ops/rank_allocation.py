@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..modeling.moepress_family import expert_parameters
+
 
 def rank_from_ratio(out_features: int, in_features: int, delta_ratio: float) -> int:
     """`int(m·n·ratio / (m + n))`: the rank keeping `ratio` of a dense `[m, n]` delta's parameters."""
@@ -43,7 +45,7 @@ class MoELayerShape:
 
     @property
     def routed_parameters(self) -> int:
-        return 3 * self.experts * self.hidden * self.intermediate
+        return self.experts * expert_parameters(self.hidden, self.intermediate)
 
 
 def rank_for_expert_ratio(
@@ -68,7 +70,7 @@ def rank_for_expert_ratio(
     """
     original = shape.routed_parameters if original_parameters is None else original_parameters
     budget = (1.0 - ratio) * original
-    base = 3 * shape.hidden * stored_channels + bias_parameters
+    base = expert_parameters(shape.hidden, stored_channels) + bias_parameters  # one expert-sized base
     per_rank = delta_parameters(shape.experts, shape.hidden, stored_channels, 1, share_v)
     if base > budget:
         most = 1.0 - base / original
@@ -92,7 +94,7 @@ def whole_model_compressed_parameters(
     for s in layers:
         rank = rank_from_ratio(s.hidden, s.intermediate, delta_ratio)
         total -= s.routed_parameters
-        total += 3 * s.hidden * s.intermediate * (1.0 - pp_ratio)
+        total += expert_parameters(s.hidden, s.intermediate) * (1.0 - pp_ratio)
         total += delta_parameters(s.experts, s.hidden, s.intermediate, rank, share_v)
     return total
 

@@ -193,7 +193,9 @@ def _output_gradients(model, hidden: list[torch.Tensor], batches: list[torch.Ten
     for h, ids in zip(hidden, batches):
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = head(norm(h))
+            x = norm(h)  # a streamed run holds the head in the output dtype: compute in the states' dtype
+            logits = torch.nn.functional.linear(x, head.weight.to(x.dtype),
+                                                None if head.bias is None else head.bias.to(x.dtype))
             loss = model.loss_function(logits, ids.to(logits.device), model.config.vocab_size)
         grads.append(torch.autograd.grad(loss, h)[0])
     return grads

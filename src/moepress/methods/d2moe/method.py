@@ -127,7 +127,7 @@ class D2MoE(Method):
         shape = MoELayerShape(v.num_experts, v.hidden_size, v.intermediate_size)
         try:
             rank = rank_for_expert_ratio(float(cfg.ratio), shape, kept, cfg.share_v, bias_params,
-                                         shape.routed_parameters + _bias_count(v, None))
+                                         v.num_experts * v.parameters_per_expert)
         except ValueError as exc:
             raise ConfigError(f"layer {v.layer_index}: {exc}") from None
         m = int(cfg.rank_multiple)
@@ -169,7 +169,7 @@ class D2MoE(Method):
             factors[p] = (u, v)
         block = self._build_block(view, kept, ranks, channel_info["dynamic_pruned"], bases, factors, keep)
         stored, active, _ = block.moepress_parameter_counts()
-        original = 3 * view.num_experts * view.hidden_size * view.intermediate_size + _bias_count(view, None)
+        original = view.num_experts * view.parameters_per_expert  # biases included (gpt-oss)
         record = {
             "base": cfg.base, "ranks": ranks, "intermediate_kept": kept, **channel_info,
             "relative_activation_error": errors, "routed_parameters_before": original,

@@ -12,6 +12,7 @@ from ...calib.stats import LayerStatistics, statistic
 from ...ops.saliency import reap_batch_sums, reap_saliency, routed_gate_values
 
 
+@torch.no_grad()  # a statistic: the expert forwards must not record autograd graphs (nor hand on requires_grad)
 def reap_sums(stats: LayerStatistics, renormalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream `Σ_x g_j(x)·||E_j(x)||_2` and routed-token counts per expert (REAP, ALGORITHMS.md §4.4).
 
