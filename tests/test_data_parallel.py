@@ -77,27 +77,35 @@ def test_torchrun_cli_compress_equals_one_process(checkpoint, calib_file, tmp_pa
 
 
 def test_two_ranks_equal_one_process_for_every_reducing_method(checkpoint, calib_file, tmp_path):
-    """NAEE (candidate losses), MergeMoE (normal equations), D²-MoE (Grams, Fisher), HC-SMoE (means)."""
-    methods = ["naee", "mergemoe", "d2moe", "hcsmoe"]
+    """NAEE (candidate losses), MergeMoE (normal equations; and its routed / whole-layer fits),
+    D²-MoE (Grams, Fisher), HC-SMoE (means), prune_refit (whole-layer fit and its error sums)."""
+    runs = {name: (name, METHOD_OPTIONS[name]) for name in ["naee", "mergemoe", "d2moe", "hcsmoe"]}
+    runs["mergemoe_routed"] = ("mergemoe", {"target": "routed"})
+    runs["mergemoe_layer"] = ("mergemoe", {"target": "layer"})
+    runs["prune_refit"] = ("prune_refit", {})
     script = tmp_path / "run_methods.py"
     script.write_text(textwrap.dedent(f"""
         import sys
         import moepress
-        for method, options in {({m: METHOD_OPTIONS[m] for m in methods})!r}.items():
+        for label, (method, options) in {runs!r}.items():
             result = moepress.compress({str(checkpoint)!r}, method, 0.5, calib={str(calib_file)!r}, offload=False,
                                        **{SETTINGS!r}, **options)
-            result.save(sys.argv[1] + "/" + method)
+            result.save(sys.argv[1] + "/" + label)
     """))
     (tmp_path / "parallel").mkdir()
     proc = _torchrun([str(script), str(tmp_path / "parallel")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for method in methods:
+    for label, (method, options) in runs.items():
         single = moepress.compress(str(checkpoint), method, 0.5, calib=str(calib_file), offload=False,
-                                   **SETTINGS, **METHOD_OPTIONS[method])
-        single_dir = single.save(tmp_path / "single" / method)
-        parallel = tmp_path / "parallel" / method
+                                   **SETTINGS, **options)
+        single_dir = single.save(tmp_path / "single" / label)
+        parallel = tmp_path / "parallel" / label
         record = json.loads((parallel / "moepress.json").read_text())
         assert record["world_size"] == 2 and single.record["world_size"] == 1
-        for layer, entry in single.record["layers"].items():  # same token counts: the union of the shards
+        single_layers = json.loads((single_dir / "moepress.json").read_text())["layers"]
+        for layer, entry in single_layers.items():  # same token counts: the union of the shards
             assert record["layers"][layer]["tokens"] == entry["tokens"] == 8 * 64
+            for key in ("fit_tokens", "fit_rel_error", "refit_tokens", "routed_rel_error"):
+                if key in entry:  # fits and their error sums are over the whole calibration set too
+                    assert record["layers"][layer][key] == pytest.approx(entry[key], rel=RTOL), (label, key)
         _assert_same_weights(single_dir, parallel)

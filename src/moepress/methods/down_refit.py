@@ -45,6 +45,9 @@ class RefitProblem:
     down: `[M, H, I]` current down projections (view convention); updated in place by the fits.
     down_bias: `[M, H]` fixed down biases (gpt-oss) or None.
     solver, ridge: as `solve_normal_equations`; prior: `[M, H, I]` W0 of the ridge, or None (toward 0).
+    reduce: sums a value over data-parallel ranks (`LayerStatistics.reduce`; identity in one
+        process): every rank's normal equations and error sums are reduced before a solve or a
+        ratio, so all ranks fit from the whole calibration set, as for the paper's fit.
     """
 
     view: MoELayerView
@@ -56,6 +59,11 @@ class RefitProblem:
     solver: str = "pinv"
     ridge: float = 0.0
     prior: torch.Tensor | None = None
+    reduce: Callable | None = None
+
+    def __post_init__(self):
+        if self.reduce is None:
+            self.reduce = _identity
 
     def features(self, i: int, b: int):
         """Batch b: (tokens routed to compressed expert i, their weights `[t_i, 1]`, features `s_i h_i [t_i, I]`)."""
@@ -71,22 +79,29 @@ class RefitProblem:
         """`s_i W_i h_i` `[t_i, H]` fp64 with the current down projection (features `f = s_i h_i`)."""
         return f.double() @ self.down[i].double().T
 
-    def update(self, i: int, eq: NormalEquations, what: str) -> None:
+    def update(self, i: int, eq: NormalEquations, what: str) -> NormalEquations:
         """Add to `down[i]` the least-squares change `ΔW` solving `eq` (accumulated on residuals).
 
         pinv: the minimum-norm change, so directions the calibration tokens never excite keep their
         starting value (Eq. 6's `P†` would zero them); ridge: `‖ΔW P − R‖² + λ'‖W + ΔW − W0‖²`,
         i.e. the ridge toward W0 (= `prior[i]`, or 0) of `solve_normal_equations`.
+        Every rank calls it for the same `i` in the same order (the sums are reduced here).
         """
+        eq = self.reduce(eq)
         if self.solver == "pinv":
             warn_if_rank_deficient(eq.tokens, self.down.shape[-1], what)
         if not eq.tokens:
-            return
+            return eq
         current = self.down[i].double()
         prior = None
         if self.solver == "ridge":
             prior = (torch.zeros_like(current) if self.prior is None else self.prior[i].double()) - current
         self.down[i] = (current + eq.solve(self.solver, self.ridge, prior)).to(self.down.dtype)
+        return eq  # the reduced equations (their token count is the global one)
+
+
+def _identity(value):
+    return value
 
 
 def fit_own_share(problem: RefitProblem, members: list[list[int]], skip_singletons: bool = True) -> dict[int, int]:
@@ -107,7 +122,7 @@ def fit_own_share(problem: RefitProblem, members: list[list[int]], skip_singleto
             g = dense_routing(routing.weights[token], routing.index[token], view.num_experts)
             target = sum(g[:, j:j + 1] * view.expert(j, x[token]).double() for j in group if g[:, j].any())
             eq.add(f, target - problem.bias_part(i, s) - problem.own_output(i, f))
-        problem.update(i, eq, f"layer {view.layer_index} compressed expert {i} (members {group})")
+        eq = problem.update(i, eq, f"layer {view.layer_index} compressed expert {i} (members {group})")
         fitted[i] = eq.tokens
     return fitted
 
@@ -133,10 +148,11 @@ def fit_layer_output(problem: RefitProblem, sweeps: int = 1) -> dict:
     with torch.no_grad():
         targets = [view.routed_output(x, r).double() for x, r in problem.batches]
         current = [compressed_output(problem, b) for b in range(len(problem.batches))]
-    norm = sum(float(t.pow(2).sum()) for t in targets) or 1.0
+    norm = problem.reduce(sum(float(t.pow(2).sum()) for t in targets)) or 1.0
 
     def rel_error() -> float:
-        return round((sum(float((c - t).pow(2).sum()) for c, t in zip(current, targets)) / norm) ** 0.5, 6)
+        error = problem.reduce(sum(float((c - t).pow(2).sum()) for c, t in zip(current, targets)))
+        return round((error / norm) ** 0.5, 6)
 
     errors, tokens = [rel_error()], {}
     for _ in range(sweeps):
@@ -151,7 +167,7 @@ def fit_layer_output(problem: RefitProblem, sweeps: int = 1) -> dict:
                 eq.add(f, targets[b][token] - current[b][token])  # the others' outputs held fixed
                 cached.append((b, token, f, own))
             old = problem.down[i].clone()
-            problem.update(i, eq, f"layer {view.layer_index} compressed expert {i}")
+            eq = problem.update(i, eq, f"layer {view.layer_index} compressed expert {i}")
             if not torch.equal(old, problem.down[i]):
                 for b, token, f, own in cached:
                     current[b][token] += problem.own_output(i, f) - own

@@ -132,7 +132,7 @@ class MergeMoE(MergingMethod):
             intermediate=lambda i, x: view.intermediate_of(merged_expert_of(merged, i), x),
             down=merged["down"].clone(), down_bias=merged["down_bias"],
             solver=self.config.solver, ridge=self.config.ridge,
-            prior=merged["down"] if self.config.prior == "average" else None)
+            prior=merged["down"] if self.config.prior == "average" else None, reduce=ctx.stats.reduce)
         if self.config.target == "routed":
             record["fit_tokens"] = fit_own_share(problem, groups_of(expert_map))
         else:

@@ -44,7 +44,7 @@ def pruning_selector(name: str, config: PruneRefitConfig) -> PruningMethod:
     return cls(cls.config_class(ratio=config.ratio, experts=config.experts))
 
 
-def refit_pruned_block(view: MoELayerView, block, batches: list, ridge: float, sweeps: int) -> dict:
+def refit_pruned_block(view: MoELayerView, block, batches: list, ridge: float, sweeps: int, reduce=None) -> dict:
     """Refit the down projections of the pruned stock `block` (in place) against `view`'s output."""
     pruned = MoELayerView(block, view.spec, view.config, view.layer_index)
     m = pruned.num_experts
@@ -52,7 +52,7 @@ def refit_pruned_block(view: MoELayerView, block, batches: list, ridge: float, s
     kept_down = pruned.down_proj.detach().clone()
     problem = RefitProblem(view, batches, weights, intermediate=pruned.intermediate, down=kept_down.clone(),
                            down_bias=pruned.down_bias, solver="ridge" if ridge > 0 else "pinv", ridge=ridge,
-                           prior=kept_down if ridge > 0 else None)
+                           prior=kept_down if ridge > 0 else None, reduce=reduce)
     fit = fit_layer_output(problem, sweeps=sweeps)
     stored = pruned.expert_format.pack(pruned.gate_proj, pruned.up_proj, problem.down, pruned.gate_bias,
                                        pruned.up_bias, pruned.down_bias)["down_proj"]
@@ -79,7 +79,7 @@ class PruneRefit(PruningMethod):
         if result.block is not None:
             with torch.no_grad():
                 fit = refit_pruned_block(ctx.view, result.block, list(ctx.stats.routed()),
-                                         self.config.ridge, int(self.config.sweeps))
+                                         self.config.ridge, int(self.config.sweeps), reduce=ctx.stats.reduce)
             # relative error of the routed output on the calibration tokens: pruned, then after each sweep
             result.record.update(select=self.config.select, refit_tokens=fit["tokens"],
                                  routed_rel_error=fit["rel_error"])
