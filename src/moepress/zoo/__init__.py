@@ -17,7 +17,10 @@ from .paths import ASSETS_DIR, models_dir
 __all__ = ["reference_model_path", "builtin_text", "builtin_text_path", "builtin_texts", "builtin_domains",
            "REFERENCE_MODELS"]
 
-REFERENCE_MODELS = ("mixtral-ref", "deepseek-ref", "olmoe-ref")
+from .recipes import RECIPES as _RECIPES  # noqa: E402  (dataclasses only: cheap)
+
+#: Every model with a training recipe (`make zoo` builds them all).
+REFERENCE_MODELS = tuple(_RECIPES)
 
 
 def reference_model_path(name: str = "mixtral-ref") -> Path:
