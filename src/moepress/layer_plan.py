@@ -177,36 +177,14 @@ def allowed_counts(view, floor: int) -> list[int]:
 
 def allocate(curves: list[dict[int, float]], total: int) -> list[int]:
     """Counts `m_i` (keys of `curves[i]`) minimising `Σ_i curves[i][m_i]` with `Σ_i m_i == total`
-    (dynamic programming over layers; the lower total among equally close ones when `total` is not
-    reachable exactly). Ties keep the earlier-found, i.e. smaller, count of a layer."""
-    import torch
+    (the reachable total closest to it): `ops.expert_allocation.allocate_min_sum`, the exact
+    dynamic programme MoE-I²'s layer allocation uses too."""
+    from .ops.expert_allocation import allocate_min_sum
 
-    upper = sum(max(c) for c in curves)
-    inf = float("inf")
-    best = torch.full((upper + 1,), inf, dtype=torch.float64)
-    best[0] = 0.0
-    picks = []
-    for curve in curves:
-        new = torch.full_like(best, inf)
-        pick = torch.full((upper + 1,), -1, dtype=torch.long)
-        for m in sorted(curve):
-            shifted = torch.full_like(best, inf)
-            shifted[m:] = best[: upper + 1 - m] + float(curve[m])
-            better = shifted < new - 1e-15
-            new = torch.where(better, shifted, new)
-            pick = torch.where(better, torch.full_like(pick, m), pick)
-        best = new
-        picks.append(pick)
-    reachable = [t for t in range(upper + 1) if best[t] < inf]
-    if not reachable:
-        raise InputError("no per-layer expert counts satisfy the floor and the routing constraints")
-    target = min(reachable, key=lambda t: (abs(t - total), t))
-    counts = []
-    for pick in reversed(picks):
-        m = int(pick[target])
-        counts.append(m)
-        target -= m
-    return counts[::-1]
+    try:
+        return allocate_min_sum(curves, total)
+    except ValueError:
+        raise InputError("no per-layer expert counts satisfy the floor and the routing constraints") from None
 
 
 def pruned_block_output(view, keep: list[int], x):

@@ -33,30 +33,43 @@ def allocate_pruned_experts(costs: list[torch.Tensor], allowed: list[list[int]],
     """
     if any(not a for a in allowed):
         raise ValueError("every layer needs at least one allowed prune count")
-    upper = sum(max(a) for a in allowed)
+    curves = []
+    for layer_costs, options in zip(costs, allowed):
+        curve = pruning_cost_curve(layer_costs)
+        curves.append({k: float(curve[k]) for k in options})
+    return allocate_min_sum(curves, total)
+
+
+def allocate_min_sum(curves: list[dict[int, float]], total: int) -> list[int]:
+    """One count per layer, `m_i` a key of `curves[i]`, minimising `Σ_i curves[i][m_i]` with `Σ_i m_i`
+    the reachable total closest to `total` (the smaller one on a tie). Exact dynamic programming over
+    layers (the objective is separable; no convexity needed). Ties between counts of one layer keep
+    the smaller count. Raises ValueError when no combination is reachable."""
+    upper = sum(max(c) for c in curves)
     inf = float("inf")
     best = torch.full((upper + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
-    choices = []
-    for curve_costs, options in zip(costs, allowed):
-        curve = pruning_cost_curve(curve_costs)
+    picks = []
+    for curve in curves:
         new = torch.full_like(best, inf)
         pick = torch.full((upper + 1,), -1, dtype=torch.long)
-        for k in sorted(options):
+        for m in sorted(curve):
             shifted = torch.full_like(best, inf)
-            shifted[k:] = best[: upper + 1 - k] + float(curve[k])
+            shifted[m:] = best[: upper + 1 - m] + float(curve[m])
             better = shifted < new
             new = torch.where(better, shifted, new)
-            pick = torch.where(better, torch.full_like(pick, k), pick)
+            pick = torch.where(better, torch.full_like(pick, m), pick)
         best = new
-        choices.append(pick)
+        picks.append(pick)
     reachable = [t for t in range(upper + 1) if best[t] < inf]
+    if not reachable:
+        raise ValueError("no combination of the allowed counts is reachable")
     target = min(reachable, key=lambda t: (abs(t - total), t))
     counts = []
-    for pick in reversed(choices):
-        k = int(pick[target])
-        counts.append(k)
-        target -= k
+    for pick in reversed(picks):
+        m = int(pick[target])
+        counts.append(m)
+        target -= m
     return counts[::-1]
 
 
