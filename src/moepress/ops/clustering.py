@@ -67,6 +67,20 @@ def centre_grouping(frequency: torch.Tensor, similarity: torch.Tensor, num_group
     return canonical_map(labels)
 
 
+def trivial_grouping(n: int, num_groups: int) -> torch.Tensor | None:
+    """The expert map of the cases every grouping shares: M = N (identity) and M = 1 (one group).
+
+    Raises on M outside [1, N]; returns None when the grouping has a real choice to make.
+    """
+    if not 1 <= num_groups <= n:
+        raise ValueError(f"num_groups must be in [1, {n}], got {num_groups}")
+    if num_groups == n:
+        return torch.arange(n)
+    if num_groups == 1:
+        return torch.zeros(n, dtype=torch.long)
+    return None
+
+
 def hierarchical_grouping(features: torch.Tensor, num_groups: int, linkage: str = "average",
                           metric: str = "cosine") -> torch.Tensor:
     """Agglomerative clustering of the rows of `features [N, D]` into M groups (HC-SMoE §3.2).
@@ -76,13 +90,9 @@ def hierarchical_grouping(features: torch.Tensor, num_groups: int, linkage: str 
     """
     from scipy.cluster.hierarchy import cut_tree, linkage as scipy_linkage
 
-    n = features.shape[0]
-    if not 1 <= num_groups <= n:
-        raise ValueError(f"num_groups must be in [1, {n}], got {num_groups}")
-    if num_groups == n:
-        return torch.arange(n)
-    if num_groups == 1:
-        return torch.zeros(n, dtype=torch.long)
+    trivial = trivial_grouping(features.shape[0], num_groups)
+    if trivial is not None:
+        return trivial
     f = features.detach().double().flatten(1).cpu().numpy()  # [N, D] features from any device
     tree = scipy_linkage(f, method=linkage, metric=metric)
     # cut_tree gives exactly M clusters even when merge heights tie (e.g. identical experts)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .clustering import canonical_map
+from .clustering import canonical_map, trivial_grouping
 
 STD_EPS = 1e-6
 CONVERGED = 1e-4
@@ -74,13 +74,9 @@ def standardised_kmeans_grouping(features: torch.Tensor, num_groups: int, seed: 
         features: one row per expert (HC-SMoE: mean expert output over the calibration tokens).
         num_groups: M, 1 <= M <= N. seed: seeds the k-means++ draws (deterministic per seed).
     """
-    n = features.shape[0]
-    if not 1 <= num_groups <= n:
-        raise ValueError(f"num_groups must be in [1, {n}], got {num_groups}")
-    if num_groups == n:
-        return torch.arange(n)
-    if num_groups == 1:
-        return torch.zeros(n, dtype=torch.long)
+    trivial = trivial_grouping(features.shape[0], num_groups)
+    if trivial is not None:
+        return trivial
     x = features.detach().double().flatten(1).cpu()  # [N, D]: a CPU decision (the generator is a CPU one)
     generator = torch.Generator().manual_seed(int(seed))
     centres = x[kmeans_plus_plus_centres(x, num_groups, generator)]
