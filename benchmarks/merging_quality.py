@@ -41,7 +41,10 @@ ROWS = {
     "mergemoe+routed": {"target": "routed"},
     "mergemoe+layer": {"target": "layer"},
     "mergemoe+robust": ROBUST,
-    "prune_refit": {}, "prune_refit+frequency": {"select": "frequency"},
+    "prune_refit": {}, "prune_refit+frequency": {"select": "frequency"}, "prune_refit+reap": {"select": "reap"},
+    "prune_refit+reap+ridge1": {"select": "reap", "ridge": 1.0},
+    "mergemoe+routed+ridge": {"target": "routed", "solver": "ridge", "ridge": 0.1, "prior": "average"},
+    "mergemoe+routed+ridge1": {"target": "routed", "solver": "ridge", "ridge": 1.0, "prior": "average"},
 }
 DEFAULT_ROWS = ("frequency", "reap", "naee", "average", "zipit", "msmoe", "hcsmoe", "mergemoe", "mergemoe+stock")
 

@@ -137,3 +137,25 @@ def test_committed_mixtral_ref_beats_unigram(monkeypatch, tmp_path):
     for domain in ("linux", "handbook"):
         result = perplexity(model, tok, builtin_text(domain)[:8_000], seq_len=256)
         assert result["ppl"] < 0.7 * result["unigram_ppl"], (domain, result)
+
+
+@pytest.mark.parametrize("name", ["qwen3-ref", "olmoe-wide"])
+def test_stronger_reference_recipes_meet_issue_13(name):
+    """The stronger references are hidden >= 256, >= 8 MoE layers, >= 16 experts, >= 20 M parameters,
+    and olmoe-wide keeps OLMoE's top-8 unrenormalised routing (the Compressed Experts paper's setting)."""
+    import transformers
+
+    from moepress.arch import moe_layer_views
+    from moepress.zoo.recipes import build_config, get_recipe
+
+    recipe = get_recipe(name)
+    config = build_config(recipe)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    views = moe_layer_views(model)
+    assert config.hidden_size >= 256 and len(views) >= 8
+    assert min(v.num_experts for v in views) >= 16
+    assert sum(p.numel() for p in model.parameters()) >= 20_000_000
+    assert recipe.steps >= 1000
+    if name == "olmoe-wide":
+        assert config.num_experts_per_tok == 8 and config.norm_topk_prob is False

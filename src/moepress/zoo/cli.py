@@ -38,7 +38,7 @@ def corpus_command(
 
 @zoo_app.command("train")
 def train_command(
-    name: str = typer.Argument(..., help="Reference model: mixtral-ref, deepseek-ref, olmoe-ref or qwen3-ref (see `moepress zoo list`)."),
+    name: str = typer.Argument(..., help="Reference model: mixtral-ref, deepseek-ref, olmoe-ref, qwen3-ref or olmoe-wide (see `moepress zoo list`)."),
     force: bool = typer.Option(False, "--force", help="Retrain even if a trained model is cached."),
 ) -> None:
     """Train one reference model (cached; resumes a killed run)."""

@@ -142,6 +142,27 @@ RECIPES: dict[str, TrainRecipe] = {
             "width 192, top-4 renormalised; ~21.5 M parameters, wide enough that top-4 -> top-2 costs "
             "a measurable gap.",
         ),
+        TrainRecipe(
+            name="olmoe-wide",
+            config_class="OlmoeConfig",
+            config=dict(
+                _COMMON,
+                hidden_size=256,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                intermediate_size=96,
+                num_experts=32,
+                num_experts_per_tok=8,
+                norm_topk_prob=False,
+                router_aux_loss_coef=0.01,
+            ),
+            steps=1000,
+            lr=2e-3,
+            notes="OLMoE-style with fine-grained experts, the Compressed Experts reference (issue 13): "
+            "hidden 256, 8 layers, 32 experts of width 96, top-8 without renormalisation (OLMoE's "
+            "routing, the model the CE paper fine-tunes top-8 -> 4 + 4); ~22 M parameters.",
+        ),
     )
 }
 
