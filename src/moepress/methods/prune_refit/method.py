@@ -16,6 +16,10 @@ to produce what the pruned expert used to add. The ridge pulls toward the kept e
 projection, so λ → ∞ is plain pruning and the fit only corrects where calibration shows it helps;
 this matters when calibration covers one domain and the model is used on others.
 
+Which selector: NAEE (default) is best with calibration that covers the deployment mix; with
+one-domain calibration REAP's choice generalises better (README: linux-only calibration, 50%:
+`select=reap` 99.7 vs `select=naee` 108.1 on mixtral-ref, 182.4 vs 194.4 on olmoe-short).
+
 Why (measured, README "Merging vs pruning"): with merging's static expert map, tokens of a merged-away
 expert always go to its centre; on text absent from calibration that centre is often the wrong
 partner, and least-squares merging then loses to pruning. Keeping pruning's token-wise rerouting
