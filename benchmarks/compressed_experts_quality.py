@@ -13,6 +13,8 @@ windows of the reference model's own training split, batch 8), as the paper's ba
   CE FT            k_main main experts + compressed experts, fine-tuned with the vectors
 Reported: held-out perplexity and next-token accuracy on windows of the zoo's held-out split, and
 gap recovered = (ppl(top-k/2 FT) - ppl(CE FT)) / (ppl(top-k/2 FT) - ppl(top-k FT)).
+`--distill` (our addition, not the paper's recipe): every variant is fine-tuned to the original top-k
+model's logits (KL) instead of the next token, the same frozen teacher for all.
 `--vectors-lr` gives the compressed vectors their own peak lr (default: the recipe's, as the paper):
 the paper's 2e-5 moves a vector that starts at 1 by ~1e-5 per step, so a run of a few hundred steps
 leaves the vectors where they started; the option shows what the vectors can do in that budget.
@@ -114,13 +116,14 @@ def quality(base, args, k: int) -> list[dict]:
     tok = args.tokenizer
     train_ids = windows(token_streams("train", tok), args.seq_len, args.sequences // 5 + 1, seed=1)[: args.sequences]
     held_ids = windows(token_streams("heldout", tok), args.seq_len, args.heldout_per_domain, seed=2)
-    print(f"top-k={k}, k_main={args.k_main}; recipe paper: {args.epochs} epochs x {train_ids.shape[0]} windows of "
+    print(f"top-k={k}, k_main={args.k_main}; {'distilled, ' if args.distill else ''}recipe paper: {args.epochs} epochs x {train_ids.shape[0]} windows of "
           f"{args.seq_len} tokens, batch 8, lr {args.lr}, vectors lr {args.vectors_lr or args.lr}; "
           f"held-out {held_ids.shape[0]} windows", flush=True)
 
     def tuned(model):
-        cfg = FinetuneConfig(recipe="paper", epochs=args.epochs, lr=args.lr, vectors_lr=args.vectors_lr, seed=0)
-        r = finetune(model, train_ids, cfg, progress=False)
+        cfg = FinetuneConfig(recipe="paper", epochs=args.epochs, lr=args.lr, vectors_lr=args.vectors_lr, seed=0,
+                             distill=args.distill)
+        r = finetune(model, train_ids, cfg, progress=False, teacher=base if args.distill else None)
         return model, f"{r.steps} steps, {r.seconds:.0f}s, loss {np.mean(r.losses[:5]):.3f}->{np.mean(r.losses[-5:]):.3f}"
 
     variants = [
@@ -155,6 +158,8 @@ def main():
     ap.add_argument("--k-main", type=int, default=None, help="main experts (default: top-k / 2)")
     ap.add_argument("--heldout-per-domain", type=int, default=24)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--distill", action="store_true",
+                    help="every variant learns the original top-k model's logits (KL) instead of the next token")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -367,3 +367,31 @@ def test_compress_save_reload_same_logits(tmp_path, family, top_k):
         torch.testing.assert_close(remote(input_ids=ids).logits, expected)
     kinds = [(m.kind, m.k_main) for m in remote.modules() if getattr(m, "kind", "") == "compressed_experts"]
     assert kinds == [("compressed_experts", top_k // 2)] * 2  # both MoE layers, custom code from the checkpoint
+
+
+def test_distillation_from_a_given_teacher_trains_a_stock_model():
+    """`teacher=` distils a model without Compressed Experts blocks (the stock top-k/2 baseline of a
+    fair comparison); the teacher stays frozen, and at its own logits the loss is zero."""
+    teacher = _model("olmoe", 4)
+    ids = _ids(2)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    same = _model("olmoe", 4)
+    r0 = finetune(same, ids, FinetuneConfig(steps=1, batch_size=2, lr=1e-9, train="all", distill=True),
+                  progress=False, teacher=teacher)
+    assert r0.losses[0] == pytest.approx(0.0, abs=1e-6)
+    student = _model("olmoe", 4)
+    student.config.num_experts_per_tok = 2
+    for view in moe_layer_views(student):
+        view.router.top_k = 2
+    from moepress.methods.compressed_experts.finetune import distillation_loss
+
+    def kl():
+        with torch.no_grad():
+            return float(distillation_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, 1.0))
+
+    start = kl()
+    finetune(student, ids, FinetuneConfig(epochs=4, batch_size=4, lr=1e-4, train="all", distill=True),
+             progress=False, teacher=teacher)
+    assert start > 1e-4 and kl() < start
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, before[n]) and not p.requires_grad, n

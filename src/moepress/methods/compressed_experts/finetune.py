@@ -265,12 +265,16 @@ def batch_rows(step: int, sequences: int, config: FinetuneConfig, generator: tor
 
 
 def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, *,
-             state_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> FinetuneResult:
+             state_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+             teacher: nn.Module | None = None) -> FinetuneResult:
     """Fine-tune `model` in place on packed sequences `input_ids [n, L]`.
 
     Args:
         state_dir: where periodic checkpoints go (needed for `save_every` and `resume`).
         resume: continue from the latest checkpoint in `state_dir` (model, optimizer, step, RNG).
+        teacher: with `config.distill`, the model whose logits are the target (frozen, eval mode);
+            default: the original top-k model rebuilt from `model`'s Compressed Experts blocks. Give it
+            to distil a model without such blocks (e.g. a stock top-k/2 baseline) from the same teacher.
     Returns: the loss of every step (including steps done before a resume) and timing.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] < 1:
@@ -280,7 +284,14 @@ def finetune(model: nn.Module, input_ids: torch.Tensor, config: FinetuneConfig, 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     trainable = select_trainable(model, config.train)
-    teacher = make_teacher(model, config.train) if config.distill else None
+    if not config.distill:
+        teacher = None
+    elif teacher is None:
+        teacher = make_teacher(model, config.train)
+    else:
+        teacher = teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     optimizer = _optimizer(model, trainable, config)
     step, losses = 0, []
     if resume:
