@@ -17,8 +17,9 @@ projection, so λ → ∞ is plain pruning and the fit only corrects where calib
 this matters when calibration covers one domain and the model is used on others.
 
 Which selector: NAEE (default) is best with calibration that covers the deployment mix; with
-one-domain calibration REAP's choice generalises better (README: linux-only calibration, 50%:
-`select=reap` 99.7 vs `select=naee` 108.1 on mixtral-ref, 182.4 vs 194.4 on olmoe-short).
+one-domain calibration it depends on the model (README, linux-only calibration, 50%: `select=reap`
+99.7 vs `select=naee` 108.1 on mixtral-ref and 182.4 vs 194.4 on olmoe-short, but 83.4 vs 78.7 on
+qwen3-ref).
 
 Why (measured, README "Merging vs pruning"): with merging's static expert map, tokens of a merged-away
 expert always go to its centre; on text absent from calibration that centre is often the wrong
