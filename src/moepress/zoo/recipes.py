@@ -163,12 +163,6 @@ RECIPES: dict[str, TrainRecipe] = {
             "hidden 256, 8 layers, 32 experts of width 96, top-8 without renormalisation (OLMoE's "
             "routing, the model the CE paper fine-tunes top-8 -> 4 + 4); ~22 M parameters.",
         ),
-            steps=800,
-            lr=2e-3,
-            notes="Mixtral/Phi-3.5-MoE-style top-2, the second Compressed Experts reference (issue 13): "
-            "hidden 256, 8 layers, 16 experts of width 320, top-2 renormalised (the paper's Phi-MoE "
-            "top-2 -> 1 + 1 setting); ~34 M parameters.",
-        ),
     )
 }
 
