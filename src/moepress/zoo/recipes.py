@@ -1,9 +1,11 @@
 """Deterministic training recipes of the reference models.
 
 Step counts are fixed (not wall-clock budgets) so a rerun with the same seed reproduces the
-same weights (on the same thread count: float reductions differ across thread counts). Each is
-800-900 steps of 16 x 256 tokens: ~10-12 minutes on 2 idle cores (0.65-0.95 s/step measured),
-32 minutes for mixtral-ref on our shared 2-core machine at load ~9.
+same weights (on the same thread count: float reductions differ across thread counts). The small
+ones are 800-900 steps of 16 x 256 tokens: ~10-12 minutes on 2 idle cores (0.65-0.95 s/step
+measured), 32 minutes for mixtral-ref on our shared 2-core machine at load ~9. The two stronger
+ones (qwen3-ref, olmoe-wide: hidden 256, 8 layers, ~22 M parameters) are 1000 steps at 1.6-2.4
+s/step on 2 idle cores: 30-40 minutes.
 """
 
 from __future__ import annotations
