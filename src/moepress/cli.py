@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress Mixture-of-Experts LLMs and measure what it cost.")
 console = Console(stderr=True)
 QUANTIZE_CHOICES = ("none", "int8", "fp8")  # = moepress.quantization.CHOICES (not imported: no torch here)
+STATS_CACHE_HELP = ("directory of the calibration-statistics cache, reused across runs (default: "
+                    "$MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)")
 QUANTIZE_HELP = ("weight-only quantization of the routed experts after compression: none | int8 | fp8 "
                  "(torchao; one scale per output channel per expert; the checkpoint then needs "
                  "trust_remote_code=True with from_pretrained; implies --no-offload)")
@@ -126,9 +128,7 @@ def compress(
                                "(pruning/merging): the same total spread by each layer's measured sensitivity"),
     budget_floor: Optional[int] = typer.Option(None, "--budget-floor", help="fewest experts --budget auto leaves "
                                                "a layer (default max(top-k, ceil(N/4)))"),
-    stats_cache: Optional[Path] = typer.Option(
-        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
-        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    stats_cache: Optional[Path] = typer.Option(None, "--stats-cache", help=STATS_CACHE_HELP),
     no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
     propagate: Optional[str] = typer.Option(None, "--propagate", help="calibration inputs of each layer come from "
                                             "the 'compressed' layers before it (sequential) or the 'original' model "
@@ -153,7 +153,7 @@ def compress(
         options = _parse_opts(opt, recipe)
         options.update(layers=layers, budget=budget, budget_floor=budget_floor)
         _check_propagate(propagate)
-    options.update(stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
+    options.update(stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
     with _user_errors(note=lambda: _leftover_note(work)):
         path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
@@ -185,8 +185,15 @@ def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, 
 
 
 def _check_propagate(propagate: str | None) -> None:
-    if propagate is not None and propagate not in ("compressed", "original"):
-        raise checks.InputError(f"--propagate must be 'compressed' or 'original', got {propagate!r}")
+    from .stats_cache import PROPAGATIONS
+
+    if propagate is not None and propagate not in PROPAGATIONS:
+        raise checks.InputError(f"--propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
+
+
+def _stats_cache_arg(stats_cache: Path | None, no_stats_cache: bool):
+    """The `stats_cache=` of the API: False with --no-stats-cache, the given directory, or True (default place)."""
+    return False if no_stats_cache else (stats_cache or True)
 
 
 def _leftover_note(work: Path) -> str | None:
@@ -414,9 +421,7 @@ def bench(
     ppl: Optional[str] = typer.Option(None, help="comma list of texts (default: built-in held-out domains)"),
     tasks: str = typer.Option("next_chunk", help="comma list of tasks"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
-    stats_cache: Optional[Path] = typer.Option(
-        None, "--stats-cache", help="directory of the calibration-statistics cache, reused across runs "
-        "(default: $MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)"),
+    stats_cache: Optional[Path] = typer.Option(None, "--stats-cache", help=STATS_CACHE_HELP),
     no_stats_cache: bool = typer.Option(False, "--no-stats-cache", help="neither read nor write cached statistics"),
     propagate: Optional[str] = typer.Option(None, "--propagate", help="calibration inputs of each layer come from "
                                             "the 'compressed' layers before it or the 'original' model (statistics "
@@ -443,7 +448,7 @@ def bench(
         rows = run_grid(model, names, ratio_values, out, calib=calib, samples=samples, seq_len=seq_len,
                         ppl=ppl.split(",") if ppl else None, tasks=[t for t in tasks.split(",") if t.strip()],
                         dtype=dtype, log=console.print, device=device,
-                        stats_cache=False if no_stats_cache else (stats_cache or True), propagate=propagate)
+                        stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate)
         md, png = write_report(rows, out)
     from rich.table import Table
 

@@ -58,6 +58,9 @@ _COMMON = dict(
     rope_theta=10000.0,
 )
 
+#: The stronger references (issue 13): hidden 256, 8 layers, 4 heads of width 64.
+_WIDE = dict(_COMMON, hidden_size=256, num_hidden_layers=8, num_attention_heads=4)
+
 RECIPES: dict[str, TrainRecipe] = {
     r.name: r
     for r in (
@@ -123,10 +126,7 @@ RECIPES: dict[str, TrainRecipe] = {
             name="qwen3-ref",
             config_class="Qwen3MoeConfig",
             config=dict(
-                _COMMON,
-                hidden_size=256,
-                num_hidden_layers=8,
-                num_attention_heads=4,
+                _WIDE,
                 num_key_value_heads=2,
                 head_dim=64,
                 intermediate_size=768,
@@ -148,10 +148,7 @@ RECIPES: dict[str, TrainRecipe] = {
             name="olmoe-wide",
             config_class="OlmoeConfig",
             config=dict(
-                _COMMON,
-                hidden_size=256,
-                num_hidden_layers=8,
-                num_attention_heads=4,
+                _WIDE,
                 num_key_value_heads=4,
                 intermediate_size=96,
                 num_experts=32,
