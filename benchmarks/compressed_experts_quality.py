@@ -1,7 +1,8 @@
 """Compressed Experts on a trained top-k reference model: quality at an equal fine-tuning budget, and speed.
 
     .venv/bin/python benchmarks/compressed_experts_quality.py [--model olmoe-ref] [--sequences 256]
-        [--epochs 2] [--lr 2e-5] [--vectors-lr 0.01] [--k-main 2] [--speed-only] [--json out.json]
+        [--epochs 2] [--lr 2e-5] [--vectors-lr 0.01] [--k-main 2] [--aux-width 8] [--matched]
+        [--speed-only] [--json out.json]
 
 Every fine-tuned variant gets the same recipe (`--recipe paper` of `moepress finetune`, ALGORITHMS.md
 §3.2: whole model, cosine schedule, warmup 0.03, --epochs passes over the same --sequences packed
@@ -11,6 +12,13 @@ windows of the reference model's own training split, batch 8), as the paper's ba
   top-k/2          the stock model routed to k_main experts (num_experts_per_tok = k_main), no FT
   top-k/2 FT       the same, fine-tuned (the paper's "Top-k/2 SFT")
   CE FT            k_main main experts + compressed experts, fine-tuned with the vectors
+With --aux-width R (our addition, `--opt aux_width=R` of the method; methods/compressed_experts):
+  CE+aux           CE whose auxiliary experts also run fitted width-R mini-experts (fitted on
+                   --calib-samples x --seq-len tokens of the built-in calibration text), no FT
+  CE+aux FT        the same, fine-tuned alike
+With --matched: the stock model routed to k_main + 1 experts, without and with FT, which has
+more active parameters per token than CE+aux (both counts printed): does the mini-experts'
+gain beat spending the same compute on one more full expert?
 Reported: held-out perplexity and next-token accuracy on windows of the zoo's held-out split, and
 gap recovered = (ppl(top-k/2 FT) - ppl(CE FT)) / (ppl(top-k/2 FT) - ppl(top-k FT)).
 `--distill` (our addition, not the paper's recipe): every variant is fine-tuned to the original top-k
@@ -82,6 +90,15 @@ def with_compressed_experts(model, k_main: int):
     return model
 
 
+def with_fitted_auxiliary(path, k_main: int, width: int, samples: int, seq_len: int):
+    """CE with width-`width` auxiliary mini-experts fitted by `moepress.compress` (built-in calibration text)."""
+    import moepress
+
+    result = moepress.compress(str(path), "compressed_experts", k_main=k_main, aux_width=width, samples=samples,
+                               seq_len=seq_len, seed=0, offload=False, stats_cache=False, dtype="float32")
+    return result.model.float().eval()
+
+
 def stock_top(model, k: int):
     """The stock model routing each token to its top-`k` experts (the paper's Top-k/2 baseline)."""
     model = copy.deepcopy(model)
@@ -134,16 +151,25 @@ def quality(base, args, k: int) -> list[dict]:
         ("CE", lambda: (with_compressed_experts(base, args.k_main), "-")),
         ("CE FT", lambda: tuned(with_compressed_experts(base, args.k_main))),
     ]
+    if args.aux_width is not None:
+        aux = lambda: with_fitted_auxiliary(args.path, args.k_main, args.aux_width, args.calib_samples, args.seq_len)
+        variants += [("CE+aux", lambda: (aux(), f"width {args.aux_width}")), ("CE+aux FT", lambda: tuned(aux()))]
+    if args.matched:
+        variants += [(f"top-{args.k_main + 1}", lambda: (stock_top(base, args.k_main + 1), "-")),
+                     (f"top-{args.k_main + 1} FT", lambda: tuned(stock_top(base, args.k_main + 1)))]
     rows = []
     for name, build in variants:
         model, note = build()
         ppl, acc = heldout_quality(model.eval(), held_ids)
         active = parameter_counts(model)["active_per_token"]
         rows.append({"variant": name, "ppl": ppl, "acc": acc, "active_per_token": active, "note": note})
-        print(f"{name:11s} ppl {ppl:8.3f}  acc {acc:.4f}  active/token {active:,}  ({note})", flush=True)
+        print(f"{name:12s} ppl {ppl:8.3f}  acc {acc:.4f}  active/token {active:,}  ({note})", flush=True)
     by = {r["variant"]: r for r in rows}
     top, low, ce = by["top-k FT"]["ppl"], by["top-k/2 FT"]["ppl"], by["CE FT"]["ppl"]
     print(f"gap top-k/2 FT vs top-k FT: {low / top - 1:+.1%} ppl; gap recovered by CE FT: {(low - ce) / (low - top):.1%}")
+    for name in ("CE+aux", "CE+aux FT"):
+        if name in by:
+            print(f"gap recovered by {name}: {(low - by[name]['ppl']) / (low - top):.1%}")
     return rows
 
 
@@ -157,6 +183,9 @@ def main():
     ap.add_argument("--vectors-lr", type=float, default=None)
     ap.add_argument("--k-main", type=int, default=None, help="main experts (default: top-k / 2)")
     ap.add_argument("--heldout-per-domain", type=int, default=24)
+    ap.add_argument("--aux-width", type=int, default=None, help="also run CE with fitted width-R auxiliary mini-experts")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of the mini-experts' fit")
+    ap.add_argument("--matched", action="store_true", help="also run the stock top-(k_main + 1) model")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--distill", action="store_true",
                     help="every variant learns the original top-k model's logits (KL) instead of the next token")
@@ -164,6 +193,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base, args.tokenizer, path = load_reference(args.model)
+    args.path = path
     k = base.config.num_experts_per_tok
     args.k_main = args.k_main or k // 2
     print(f"model: {path}; threads {torch.get_num_threads()}")
@@ -172,6 +202,10 @@ def main():
         report["quality"] = quality(base, args, k)
     timed = {"stock top-k": base, "stock top-k/2": stock_top(base, args.k_main),
              "CE": with_compressed_experts(base, args.k_main)}
+    if args.aux_width is not None:
+        timed["CE+aux"] = with_fitted_auxiliary(path, args.k_main, args.aux_width, args.calib_samples, args.seq_len)
+    if args.matched:
+        timed[f"stock top-{args.k_main + 1}"] = stock_top(base, args.k_main + 1)
     report["speed"] = speed(timed, base.config.vocab_size, args.reps)
     for name, (p, d) in report["speed"].items():
         print(f"{name:14s} prefill {p:9.0f} tok/s   decode {d:8.1f} tok/s", flush=True)

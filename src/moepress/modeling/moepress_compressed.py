@@ -18,7 +18,16 @@ slice `[:I]` of a hidden-size vector, invalid when I > H as in Phi-3.5-MoE):
 tail `[I:H]` of the code's second vector never gets a gradient there, so the functions are equal;
 we store 2H + I numbers per expert instead of 3H (the paper's Phi count `2*4096 + 6400`).
 All vectors start at one, so before training the block equals top-`k_main` routing with the
-original weights. The routed experts stay the stock fused `experts` module (same checkpoint
+original weights.
+
+Optional *auxiliary mini-experts* (`aux_width=r`, our addition, not in the paper; ALGORITHMS.md §3
+notes the paper has no training-free variant): each expert i also owns a width-`r` SwiGLU
+`m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate`, `aux_up [N, r, H]`, `aux_down [N, H, r]`,
+`aux_bias [N, H]`), and every auxiliary expert adds its mini-expert with its original routing
+weight: `y = sum_{i main} a_i E_i^CE(x) + sum_{j aux} a_j m_j(x)`. `methods/compressed_experts`
+fits them before any training (the expert's most important neurons, down columns and bias refitted
+by least squares on the tokens where the expert is auxiliary). Zero-initialised they add nothing;
+with `r = I` and the expert's own weights the block is the stock top-k block again. The routed experts stay the stock fused `experts` module (same checkpoint
 keys); only the compute changes. Imports only torch and transformers.
 """
 
@@ -152,11 +161,12 @@ class CompressedExpertsBlock(MoepressBlock):
             module are adopted (not copied).
         config: the model config.
         k_main: main experts per token, `1 <= k_main <= num_experts_per_tok`.
+        aux_width: width of each expert's auxiliary mini-expert (module doc), None = none (the paper).
     """
 
     kind = "compressed_experts"
 
-    def __init__(self, stock: nn.Module, config, k_main: int):
+    def __init__(self, stock: nn.Module, config, k_main: int, aux_width: int | None = None):
         super().__init__(stock, config)
         if not 1 <= int(k_main) <= self.top_k:
             raise ValueError(f"k_main must be between 1 and top-k={self.top_k}, got {k_main}")
@@ -168,6 +178,19 @@ class CompressedExpertsBlock(MoepressBlock):
         kw = dict(dtype=w.dtype, device=w.device)
         self.ce_input = nn.Parameter(torch.ones(self.num_experts, 2, self.hidden_size, **kw))
         self.ce_intermediate = nn.Parameter(torch.ones(self.num_experts, self.intermediate_size, **kw))
+        self.aux_width = None if aux_width is None else int(aux_width)
+        if self.aux_width is not None:
+            if not 0 <= self.aux_width <= self.intermediate_size:
+                raise ValueError(f"aux_width must be between 0 and the expert width {self.intermediate_size}, "
+                                 f"got {aux_width}")
+            n, r, h = self.num_experts, self.aux_width, self.hidden_size
+            self.aux_gate = nn.Parameter(torch.zeros(n, r, h, **kw))
+            self.aux_up = nn.Parameter(torch.zeros(n, r, h, **kw))
+            self.aux_down = nn.Parameter(torch.zeros(n, h, r, **kw))
+            self.aux_bias = nn.Parameter(torch.zeros(n, h, **kw))
+            if self.biased:
+                self.aux_gate_bias = nn.Parameter(torch.zeros(n, r, **kw))
+                self.aux_up_bias = nn.Parameter(torch.zeros(n, r, **kw))
 
     @property
     def n_ce(self) -> int:
@@ -193,28 +216,66 @@ class CompressedExpertsBlock(MoepressBlock):
         y = grouped_compressed_experts(self.expert_format, self.experts, expert_ids, x_gate, x_up, mid_scale)
         y = y * main_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(y.dtype)
         pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
-        return pairs.view(tokens, k_main, x.shape[-1]).sum(dim=1).to(x.dtype)  # deterministic sum over slots
+        out = pairs.view(tokens, k_main, x.shape[-1]).sum(dim=1).to(x.dtype)  # deterministic sum over slots
+        if self.aux_width is not None and aux_i.shape[1] > 0:
+            out = out + self.auxiliary(x, aux_w, aux_i)
+        return out
+
+    def auxiliary(self, x: torch.Tensor, aux_w: torch.Tensor, aux_i: torch.Tensor) -> torch.Tensor:
+        """`sum_{j aux} a_j m_j(x)` `[T, H]`: the (token, auxiliary expert) pairs sorted by expert,
+        width-`aux_width` grouped GEMMs (the main experts' machinery), weighted and summed back."""
+        tokens, n = aux_i.shape
+        expert_ids, order = torch.sort(aux_i.reshape(-1), stable=True)
+        out = self.aux_bias.index_select(0, expert_ids)  # [S, H]
+        if self.aux_width > 0:
+            token = torch.div(order, n, rounding_mode="floor")
+            xs = x.index_select(0, token).to(self.aux_gate.dtype)
+            experts_range = torch.arange(self.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+            offsets = torch.searchsorted(expert_ids, experts_range, right=True)
+            gate = grouped_matmul(xs, self.aux_gate.transpose(-2, -1), offsets)
+            up = grouped_matmul(xs, self.aux_up.transpose(-2, -1), offsets)
+            if self.biased:
+                gate = gate + self.aux_gate_bias.index_select(0, expert_ids)
+                up = up + self.aux_up_bias.index_select(0, expert_ids)
+            out = out + grouped_matmul(self.expert_format.activation(gate, up), self.aux_down.transpose(-2, -1),
+                                       offsets)
+        out = out * aux_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
+        pairs = torch.empty_like(out).index_copy_(0, order, out)
+        return pairs.view(tokens, n, x.shape[-1]).sum(dim=1).to(x.dtype)
 
     # ------------------------------------------------------------------ export / accounting
     @classmethod
     def from_layer_config(cls, stock: nn.Module, config, layer_cfg: dict) -> "CompressedExpertsBlock":
-        return cls(stock, config, k_main=int(layer_cfg["k_main"]))
+        aux_width = layer_cfg.get("aux_width")
+        return cls(stock, config, k_main=int(layer_cfg["k_main"]), aux_width=None if aux_width is None else int(aux_width))
 
     def layer_config(self) -> dict:
-        return {
+        cfg = {
             "kind": self.kind, "k_main": self.k_main, "top_k": self.top_k,
             "num_experts": self.num_experts, "intermediate_size": self.intermediate_size,
         }
+        if self.aux_width is not None:
+            cfg["aux_width"] = self.aux_width
+        return cfg
+
+    def auxiliary_parameters_per_expert(self) -> int:
+        """Numbers of one expert's mini-expert (0 without): gate, up, down, output bias (+ gate/up biases)."""
+        if self.aux_width is None:
+            return 0
+        r, h = self.aux_width, self.hidden_size
+        return 3 * r * h + h + (2 * r if self.biased else 0)
 
     def moepress_parameter_counts(self) -> tuple[int, int, int]:
         """(routed parameters stored incl. vectors, routed parameters active per token, experts).
 
-        Active = `k_main` full experts + the `n_ce` auxiliary experts' vectors (read per token).
+        Active = `k_main` full experts + the `n_ce` auxiliary experts' vectors (read per token) and,
+        with `aux_width`, their mini-experts.
         """
         expert = self.expert_format.parameters_per_expert(self.hidden_size, self.intermediate_size)
         vectors = (self.ce_input.numel() + self.ce_intermediate.numel()) // self.num_experts
-        stored = self.num_experts * (expert + vectors)
-        return stored, self.k_main * expert + self.n_ce * vectors, self.num_experts
+        compressed = vectors + self.auxiliary_parameters_per_expert()
+        stored = self.num_experts * (expert + compressed)
+        return stored, self.k_main * expert + self.n_ce * compressed, self.num_experts
 
 
 KINDS = {CompressedExpertsBlock.kind: CompressedExpertsBlock}

@@ -17,6 +17,11 @@ class CompressedExpertsConfig(MethodConfig):
 
     n_ce: int | None = field(default=None, metadata={"help": "activated experts replaced by compressed vectors per token"})
     k_main: int | None = field(default=None, metadata={"help": "main experts computed in full per token (top-k - n_ce)"})
+    aux_width: int | None = field(default=None, metadata={
+        "help": "our addition: each auxiliary expert also runs a width-R mini-expert fitted on calibration text "
+                "(its R most important neurons, down + bias by least squares); none = the paper (vectors only)"})
+    aux_ridge: float = field(default=1e-3, metadata={
+        "help": "ridge of the mini-experts' least-squares fit, toward the kept neurons' own down columns"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -32,6 +37,10 @@ class CompressedExpertsConfig(MethodConfig):
             raise ConfigError(f"n_ce must be >= 0, got {self.n_ce}")
         if self.k_main is not None and int(self.k_main) < 1:
             raise ConfigError(f"k_main must be >= 1, got {self.k_main}")
+        if self.aux_width is not None and int(self.aux_width) < 0:
+            raise ConfigError(f"aux_width must be >= 0 (0 = an output vector per expert), got {self.aux_width}")
+        if self.aux_ridge < 0:
+            raise ConfigError(f"aux_ridge must be >= 0, got {self.aux_ridge}")
 
     def resolve_k_main(self, top_k: int) -> int:
         """Main experts per token for a model routing to `top_k` experts (a clear error if impossible)."""
