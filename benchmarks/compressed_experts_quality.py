@@ -1,7 +1,7 @@
 """Compressed Experts on a trained top-k reference model: quality at an equal fine-tuning budget, and speed.
 
     .venv/bin/python benchmarks/compressed_experts_quality.py [--model olmoe-ref] [--sequences 256]
-        [--epochs 2] [--lr 2e-5] [--vectors-lr 0.01] [--k-main 2] [--aux-width 8] [--matched]
+        [--epochs 2] [--lr 2e-5] [--vectors-lr 0.01] [--k-main 2] [--aux-width 4,8] [--matched]
         [--speed-only] [--json out.json]
 
 Every fine-tuned variant gets the same recipe (`--recipe paper` of `moepress finetune`, ALGORITHMS.md
@@ -13,9 +13,9 @@ windows of the reference model's own training split, batch 8), as the paper's ba
   top-k/2 FT       the same, fine-tuned (the paper's "Top-k/2 SFT")
   CE FT            k_main main experts + compressed experts, fine-tuned with the vectors
 With --aux-width R (our addition, `--opt aux_width=R` of the method; methods/compressed_experts):
-  CE+aux           CE whose auxiliary experts also run fitted width-R mini-experts (fitted on
+  CE+auxR          CE whose auxiliary experts also run fitted width-R mini-experts (fitted on
                    --calib-samples x --seq-len tokens of the built-in calibration text), no FT
-  CE+aux FT        the same, fine-tuned alike
+  CE+auxR FT       the same, fine-tuned alike (--aux-width 4,8 runs both widths)
 With --matched: the stock model routed to k_main + 1 experts, without and with FT, which has
 more active parameters per token than CE+aux (both counts printed): does the mini-experts'
 gain beat spending the same compute on one more full expert?
@@ -151,9 +151,10 @@ def quality(base, args, k: int) -> list[dict]:
         ("CE", lambda: (with_compressed_experts(base, args.k_main), "-")),
         ("CE FT", lambda: tuned(with_compressed_experts(base, args.k_main))),
     ]
-    if args.aux_width is not None:
-        aux = lambda: with_fitted_auxiliary(args.path, args.k_main, args.aux_width, args.calib_samples, args.seq_len)
-        variants += [("CE+aux", lambda: (aux(), f"width {args.aux_width}")), ("CE+aux FT", lambda: tuned(aux()))]
+    for width in args.aux_width:
+        def aux(width=width):
+            return with_fitted_auxiliary(args.path, args.k_main, width, args.calib_samples, args.seq_len)
+        variants += [(f"CE+aux{width}", lambda aux=aux: (aux(), "fitted")), (f"CE+aux{width} FT", lambda aux=aux: tuned(aux()))]
     if args.matched:
         variants += [(f"top-{args.k_main + 1}", lambda: (stock_top(base, args.k_main + 1), "-")),
                      (f"top-{args.k_main + 1} FT", lambda: tuned(stock_top(base, args.k_main + 1)))]
@@ -167,8 +168,8 @@ def quality(base, args, k: int) -> list[dict]:
     by = {r["variant"]: r for r in rows}
     top, low, ce = by["top-k FT"]["ppl"], by["top-k/2 FT"]["ppl"], by["CE FT"]["ppl"]
     print(f"gap top-k/2 FT vs top-k FT: {low / top - 1:+.1%} ppl; gap recovered by CE FT: {(low - ce) / (low - top):.1%}")
-    for name in ("CE+aux", "CE+aux FT"):
-        if name in by:
+    for name in by:
+        if name.startswith("CE+aux"):
             print(f"gap recovered by {name}: {(low - by[name]['ppl']) / (low - top):.1%}")
     return rows
 
@@ -183,7 +184,8 @@ def main():
     ap.add_argument("--vectors-lr", type=float, default=None)
     ap.add_argument("--k-main", type=int, default=None, help="main experts (default: top-k / 2)")
     ap.add_argument("--heldout-per-domain", type=int, default=24)
-    ap.add_argument("--aux-width", type=int, default=None, help="also run CE with fitted width-R auxiliary mini-experts")
+    ap.add_argument("--aux-width", type=lambda v: [int(w) for w in v.split(",")], default=[],
+                    help="R[,R2..]: also run CE with fitted width-R auxiliary mini-experts")
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of the mini-experts' fit")
     ap.add_argument("--matched", action="store_true", help="also run the stock top-(k_main + 1) model")
     ap.add_argument("--reps", type=int, default=5)
@@ -202,8 +204,8 @@ def main():
         report["quality"] = quality(base, args, k)
     timed = {"stock top-k": base, "stock top-k/2": stock_top(base, args.k_main),
              "CE": with_compressed_experts(base, args.k_main)}
-    if args.aux_width is not None:
-        timed["CE+aux"] = with_fitted_auxiliary(path, args.k_main, args.aux_width, args.calib_samples, args.seq_len)
+    for width in args.aux_width:
+        timed[f"CE+aux{width}"] = with_fitted_auxiliary(path, args.k_main, width, args.calib_samples, args.seq_len)
     if args.matched:
         timed[f"stock top-{args.k_main + 1}"] = stock_top(base, args.k_main + 1)
     report["speed"] = speed(timed, base.config.vocab_size, args.reps)

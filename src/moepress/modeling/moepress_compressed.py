@@ -22,8 +22,8 @@ original weights.
 
 Optional *auxiliary mini-experts* (`aux_width=r`, our addition, not in the paper; ALGORITHMS.md §3
 notes the paper has no training-free variant): each expert i also owns a width-`r` SwiGLU
-`m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate`, `aux_up [N, r, H]`, `aux_down [N, H, r]`,
-`aux_bias [N, H]`), and every auxiliary expert adds its mini-expert with its original routing
+`m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate_up [N, 2r, H]` gate rows first, `aux_down [N, H, r]`,
+`aux_bias [N, H]`; `aux_gate_up_bias [N, 2r]` for families with expert biases), and every auxiliary expert adds its mini-expert with its original routing
 weight: `y = sum_{i main} a_i E_i^CE(x) + sum_{j aux} a_j m_j(x)`. `methods/compressed_experts`
 fits them before any training (the expert's most important neurons, down columns and bias refitted
 by least squares on the tokens where the expert is auxiliary). Zero-initialised they add nothing;
@@ -184,13 +184,11 @@ class CompressedExpertsBlock(MoepressBlock):
                 raise ValueError(f"aux_width must be between 0 and the expert width {self.intermediate_size}, "
                                  f"got {aux_width}")
             n, r, h = self.num_experts, self.aux_width, self.hidden_size
-            self.aux_gate = nn.Parameter(torch.zeros(n, r, h, **kw))
-            self.aux_up = nn.Parameter(torch.zeros(n, r, h, **kw))
+            self.aux_gate_up = nn.Parameter(torch.zeros(n, 2 * r, h, **kw))  # gate rows, then up rows
             self.aux_down = nn.Parameter(torch.zeros(n, h, r, **kw))
             self.aux_bias = nn.Parameter(torch.zeros(n, h, **kw))
             if self.biased:
-                self.aux_gate_bias = nn.Parameter(torch.zeros(n, r, **kw))
-                self.aux_up_bias = nn.Parameter(torch.zeros(n, r, **kw))
+                self.aux_gate_up_bias = nn.Parameter(torch.zeros(n, 2 * r, **kw))
 
     @property
     def n_ce(self) -> int:
@@ -229,14 +227,13 @@ class CompressedExpertsBlock(MoepressBlock):
         out = self.aux_bias.index_select(0, expert_ids)  # [S, H]
         if self.aux_width > 0:
             token = torch.div(order, n, rounding_mode="floor")
-            xs = x.index_select(0, token).to(self.aux_gate.dtype)
+            xs = x.index_select(0, token).to(self.aux_gate_up.dtype)
             experts_range = torch.arange(self.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
             offsets = torch.searchsorted(expert_ids, experts_range, right=True)
-            gate = grouped_matmul(xs, self.aux_gate.transpose(-2, -1), offsets)
-            up = grouped_matmul(xs, self.aux_up.transpose(-2, -1), offsets)
+            both = grouped_matmul(xs, self.aux_gate_up.transpose(-2, -1), offsets)  # [S, 2R]: one GEMM
             if self.biased:
-                gate = gate + self.aux_gate_bias.index_select(0, expert_ids)
-                up = up + self.aux_up_bias.index_select(0, expert_ids)
+                both = both + self.aux_gate_up_bias.index_select(0, expert_ids)
+            gate, up = both[:, :self.aux_width], both[:, self.aux_width:]
             out = out + grouped_matmul(self.expert_format.activation(gate, up), self.aux_down.transpose(-2, -1),
                                        offsets)
         out = out * aux_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)

@@ -92,13 +92,12 @@ def fit_auxiliary(view: MoELayerView, batches: list, k_main: int, width: int, ri
         aux_down.append(fitted[:, :width])
         aux_bias.append(fitted[:, width])
     out = {
-        "aux_gate": torch.stack([gate[j][keep[j]] for j in range(n)]),
-        "aux_up": torch.stack([up[j][keep[j]] for j in range(n)]),
+        "aux_gate_up": torch.stack([torch.cat([gate[j][keep[j]], up[j][keep[j]]]) for j in range(n)]),
         "aux_down": torch.stack(aux_down), "aux_bias": torch.stack(aux_bias), "tokens": tokens,
     }
     if view.gate_bias is not None:
-        out["aux_gate_bias"] = torch.stack([view.gate_bias[j][keep[j]] for j in range(n)])
-        out["aux_up_bias"] = torch.stack([view.up_bias[j][keep[j]] for j in range(n)])
+        out["aux_gate_up_bias"] = torch.stack([torch.cat([view.gate_bias[j][keep[j]], view.up_bias[j][keep[j]]])
+                                               for j in range(n)])
     return out
 
 
