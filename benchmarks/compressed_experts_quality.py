@@ -83,10 +83,12 @@ def heldout_quality(model, ids: torch.Tensor, batch: int = 8) -> tuple[float, fl
     return float(np.exp(nll / count)), correct / count
 
 
-def with_compressed_experts(model, k_main: int):
+def with_compressed_experts(model, k_main: int, aux_width: int | None = None):
+    """CE blocks with vectors at one (and zero mini-experts of width `aux_width`: timing only)."""
     model = copy.deepcopy(model)
     for view in moe_layer_views(model):
-        set_moe_block(model, view.layer_index, CompressedExpertsBlock(view.block, model.config, k_main=k_main))
+        block = CompressedExpertsBlock(view.block, model.config, k_main=k_main, aux_width=aux_width)
+        set_moe_block(model, view.layer_index, block)
     return model
 
 

@@ -1,7 +1,7 @@
 """Compressed Experts inference speed at real layer widths (random weights): CE vs stock top-k and top-k/2.
 
     PYTHONPATH=src .venv/bin/python benchmarks/compressed_experts_speed.py [--hidden 2048] [--intermediate 768]
-        [--experts 64] [--top-k 8] [--layers 2] [--reps 3]
+        [--experts 64] [--top-k 8] [--k-main 4] [--aux-width 8,32] [--layers 2] [--reps 3]
 
 A Qwen3-MoE model of the given width (vocab 4096, `--layers` decoder layers, random weights,
 transformers' grouped expert kernel) is run three ways in one process, interleaved per repetition
@@ -10,7 +10,8 @@ moepress's `CompressedExpertsBlock` with k/2 main experts + k/2 compressed vecto
 values do not change the cost). Printed: prefill tokens/s (batch 4 x 256, no cache) and decode
 tokens/s (batch 8, 32 new tokens, KV cache), and CE's speed-up over top-k. The reference models
 (hidden 128) are too narrow for this: there the block's routing bookkeeping outweighs the experts
-it saves (README).
+it saves (README). `--aux-width R[,R2..]` adds CE with width-R auxiliary mini-experts (the
+`aux_width` option of the method) and `--k-main` sets the main experts (default k/2).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=768, help="expert width (moe_intermediate_size)")
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--k-main", type=int, default=None, help="main experts of CE (default top-k / 2)")
+    ap.add_argument("--aux-width", type=lambda v: [int(w) for w in v.split(",")], default=[])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -42,15 +45,21 @@ def main() -> None:
         num_experts_per_tok=k, norm_topk_prob=True, max_position_embeddings=1024)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm").eval()
-    models = {f"stock top-{k}": model, f"stock top-{k // 2}": stock_top(model, k // 2),
-              f"CE {k // 2}+{k - k // 2}": with_compressed_experts(model, k // 2)}
+    km = args.k_main or k // 2
+    ce = f"CE {km}+{k - km}"
+    models = {f"stock top-{k}": model, f"stock top-{km}": stock_top(model, km), ce: with_compressed_experts(model, km)}
+    for width in args.aux_width:
+        models[f"{ce} aux{width}"] = with_compressed_experts(model, km, aux_width=width)
     print(f"hidden {h}, {args.experts} experts of width {args.intermediate}, top-{k}, {args.layers} layers; "
           f"threads {torch.get_num_threads()}")
     figures = speed(models, config.vocab_size, args.reps)
     for name, (prefill, decode) in figures.items():
-        print(f"{name:>14}  prefill {prefill:9.0f} tok/s  decode {decode:8.1f} tok/s")
-    (base_p, base_d), (ce_p, ce_d) = figures[f"stock top-{k}"], figures[f"CE {k // 2}+{k - k // 2}"]
-    print(f"CE vs top-{k}: prefill x{ce_p / base_p:.2f}, decode x{ce_d / base_d:.2f}")
+        print(f"{name:>16}  prefill {prefill:9.0f} tok/s  decode {decode:8.1f} tok/s")
+    base_p, base_d = figures[f"stock top-{k}"]
+    for name in models:
+        if name.startswith("CE"):
+            p, d = figures[name]
+            print(f"{name} vs top-{k}: prefill x{p / base_p:.2f}, decode x{d / base_d:.2f}")
 
 
 if __name__ == "__main__":
