@@ -115,6 +115,8 @@ class CompressedExperts(Method):
         super().__init__(config)
         if config.aux_width is not None:  # per instance: the mini-experts are fitted on calibration text
             self.needs_calibration = True
+            self.next_step = ("the mini-experts are fitted and already stand in for the auxiliary experts; the "
+                              "vectors start at one: `moepress finetune {path}` learns them (optional)")
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view = ctx.view
