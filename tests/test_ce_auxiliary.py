@@ -94,21 +94,26 @@ def test_fit_uses_only_tokens_where_the_expert_is_auxiliary():
     assert record["aux_fit_tokens"] == expected and record["aux_width"] == 2
 
 
-def test_gradients_reach_the_mini_experts_and_grouped_paths_agree(monkeypatch):
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_gradients_reach_the_mini_experts_and_grouped_paths_agree(monkeypatch, family):
     from moepress.modeling import moepress_compressed
 
-    model = _model("olmoe")
+    model = _model(family)
     view = moe_layer_views(model)[0]
     x = torch.randn(64, view.hidden_size)
     block = _fitted(view, model, x, k_main=2, aux_width=4).block
     _randomise_vectors(block)
     out = _run(block, x)
     out.pow(2).sum().backward()
-    for name in ("aux_gate_up", "aux_down", "aux_bias"):
+    for name in ("aux_gate_up", "aux_down", "aux_bias") + (("aux_gate_up_bias",) if block.biased else ()):
         assert getattr(block, name).grad.abs().sum() > 0, name
-    monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)  # per-expert matmuls
     with torch.no_grad():
-        torch.testing.assert_close(_run(block, x), out.detach(), atol=1e-5, rtol=1e-5)
+        for rows in (0, 10**6):  # grouped GEMMs (many pairs per expert) and gathered weights (few)
+            monkeypatch.setattr(moepress_compressed, "STACKED_ROWS_PER_EXPERT", rows)
+            torch.testing.assert_close(_run(block, x), out.detach(), atol=1e-5, rtol=1e-5)
+            monkeypatch.setattr(moepress_compressed, "_grouped_mm_usable", lambda a, b: False)  # per-expert matmuls
+            torch.testing.assert_close(_run(block, x), out.detach(), atol=1e-5, rtol=1e-5)
+            monkeypatch.undo()
 
 
 def test_accounting_counts_the_mini_experts_as_active():

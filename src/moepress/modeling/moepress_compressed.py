@@ -221,21 +221,29 @@ class CompressedExpertsBlock(MoepressBlock):
 
     def auxiliary(self, x: torch.Tensor, aux_w: torch.Tensor, aux_i: torch.Tensor) -> torch.Tensor:
         """`sum_{j aux} a_j m_j(x)` `[T, H]`: the (token, auxiliary expert) pairs sorted by expert,
-        width-`aux_width` grouped GEMMs (the main experts' machinery), weighted and summed back."""
+        width-`aux_width` grouped GEMMs (the main experts' machinery), weighted and summed back.
+        With few pairs per expert (decoding) each pair's small weights are gathered instead and
+        multiplied in one batched product: the per-expert calls, not the arithmetic, are the cost."""
         tokens, n = aux_i.shape
         expert_ids, order = torch.sort(aux_i.reshape(-1), stable=True)
         out = self.aux_bias.index_select(0, expert_ids)  # [S, H]
         if self.aux_width > 0:
             token = torch.div(order, n, rounding_mode="floor")
             xs = x.index_select(0, token).to(self.aux_gate_up.dtype)
-            experts_range = torch.arange(self.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
-            offsets = torch.searchsorted(expert_ids, experts_range, right=True)
-            both = grouped_matmul(xs, self.aux_gate_up.transpose(-2, -1), offsets)  # [S, 2R]: one GEMM
+            few = expert_ids.shape[0] < STACKED_ROWS_PER_EXPERT * self.num_experts
+            if few:  # decoding: gather each pair's small weights, one batched product (no per-expert calls)
+                both = torch.bmm(self.aux_gate_up.index_select(0, expert_ids), xs.unsqueeze(-1)).squeeze(-1)
+            else:
+                experts_range = torch.arange(self.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+                offsets = torch.searchsorted(expert_ids, experts_range, right=True)
+                both = grouped_matmul(xs, self.aux_gate_up.transpose(-2, -1), offsets)  # [S, 2R]: one GEMM
             if self.biased:
                 both = both + self.aux_gate_up_bias.index_select(0, expert_ids)
-            gate, up = both[:, :self.aux_width], both[:, self.aux_width:]
-            out = out + grouped_matmul(self.expert_format.activation(gate, up), self.aux_down.transpose(-2, -1),
-                                       offsets)
+            h = self.expert_format.activation(both[:, :self.aux_width], both[:, self.aux_width:])
+            if few:
+                out = out + torch.bmm(self.aux_down.index_select(0, expert_ids), h.unsqueeze(-1)).squeeze(-1)
+            else:
+                out = out + grouped_matmul(h, self.aux_down.transpose(-2, -1), offsets)
         out = out * aux_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
         pairs = torch.empty_like(out).index_copy_(0, order, out)
         return pairs.view(tokens, n, x.shape[-1]).sum(dim=1).to(x.dtype)
