@@ -16,9 +16,9 @@ With --aux-width R (our addition, `--opt aux_width=R` of the method; methods/com
   CE+auxR          CE whose auxiliary experts also run fitted width-R mini-experts (fitted on
                    --calib-samples x --seq-len tokens of the built-in calibration text), no FT
   CE+auxR FT       the same, fine-tuned alike (--aux-width 4,8 runs both widths)
-With --matched: the stock model routed to k_main + 1 experts, without and with FT, which has
-more active parameters per token than CE+aux (both counts printed): does the mini-experts'
-gain beat spending the same compute on one more full expert?
+With --matched: the stock model routed to k_main + 1 experts, without and with FT (active
+parameters per token printed for every row): does the mini-experts' gain beat spending about the
+same compute on one more full expert?
 Reported: held-out perplexity and next-token accuracy on windows of the zoo's held-out split, and
 gap recovered = (ppl(top-k/2 FT) - ppl(CE FT)) / (ppl(top-k/2 FT) - ppl(top-k FT)).
 `--distill` (our addition, not the paper's recipe): every variant is fine-tuned to the original top-k

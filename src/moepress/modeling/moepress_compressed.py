@@ -22,13 +22,16 @@ original weights.
 
 Optional *auxiliary mini-experts* (`aux_width=r`, our addition, not in the paper; ALGORITHMS.md §3
 notes the paper has no training-free variant): each expert i also owns a width-`r` SwiGLU
-`m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate_up [N, 2r, H]` gate rows first, `aux_down [N, H, r]`,
-`aux_bias [N, H]`; `aux_gate_up_bias [N, 2r]` for families with expert biases), and every auxiliary expert adds its mini-expert with its original routing
-weight: `y = sum_{i main} a_i E_i^CE(x) + sum_{j aux} a_j m_j(x)`. `methods/compressed_experts`
-fits them before any training (the expert's most important neurons, down columns and bias refitted
-by least squares on the tokens where the expert is auxiliary). Zero-initialised they add nothing;
-with `r = I` and the expert's own weights the block is the stock top-k block again. The routed experts stay the stock fused `experts` module (same checkpoint
-keys); only the compute changes. Imports only torch and transformers.
+`m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate_up [N, 2r, H]` gate rows first,
+`aux_down [N, H, r]`, `aux_bias [N, H]`; `aux_gate_up_bias [N, 2r]` for families with expert
+biases), and every auxiliary expert adds its mini-expert with its original routing weight:
+`y = sum_{i main} a_i E_i^CE(x) + sum_{j aux} a_j m_j(x)`. `methods/compressed_experts` fits them
+before any training (the expert's most important neurons, down columns and bias refitted by least
+squares on the tokens where the expert is auxiliary). Zero-initialised they add nothing; with
+`r = I` and the expert's own weights the block is the stock top-k block again.
+
+The routed experts stay the stock fused `experts` module (same checkpoint keys); only the compute
+changes. Imports only torch and transformers.
 """
 
 from __future__ import annotations
