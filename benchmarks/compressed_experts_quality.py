@@ -101,6 +101,13 @@ def with_fitted_auxiliary(path, k_main: int, width: int, samples: int, seq_len: 
     return result.model.float().eval()
 
 
+def fitted_auxiliary(args, width: int):
+    """`with_fitted_auxiliary` for this run's model and k_main, fitted once per width (kept in `args.fitted`)."""
+    if width not in args.fitted:
+        args.fitted[width] = with_fitted_auxiliary(args.path, args.k_main, width, args.calib_samples, args.seq_len)
+    return args.fitted[width]
+
+
 def stock_top(model, k: int):
     """The stock model routing each token to its top-`k` experts (the paper's Top-k/2 baseline)."""
     model = copy.deepcopy(model)
@@ -153,10 +160,9 @@ def quality(base, args, k: int) -> list[dict]:
         ("CE", lambda: (with_compressed_experts(base, args.k_main), "-")),
         ("CE FT", lambda: tuned(with_compressed_experts(base, args.k_main))),
     ]
-    for width in args.aux_width:
-        def aux(width=width):
-            return with_fitted_auxiliary(args.path, args.k_main, width, args.calib_samples, args.seq_len)
-        variants += [(f"CE+aux{width}", lambda aux=aux: (aux(), "fitted")), (f"CE+aux{width} FT", lambda aux=aux: tuned(aux()))]
+    for width in args.aux_width:  # fitted once (args.fitted, shared with the speed runs); FT on a copy
+        variants += [(f"CE+aux{width}", lambda width=width: (fitted_auxiliary(args, width), "fitted")),
+                     (f"CE+aux{width} FT", lambda width=width: tuned(copy.deepcopy(fitted_auxiliary(args, width))))]
     if args.matched:
         variants += [(f"top-{args.k_main + 1}", lambda: (stock_top(base, args.k_main + 1), "-")),
                      (f"top-{args.k_main + 1} FT", lambda: tuned(stock_top(base, args.k_main + 1)))]
@@ -197,7 +203,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base, args.tokenizer, path = load_reference(args.model)
-    args.path = path
+    args.path, args.fitted = path, {}
     k = base.config.num_experts_per_tok
     args.k_main = args.k_main or k // 2
     print(f"model: {path}; threads {torch.get_num_threads()}")
@@ -207,7 +213,7 @@ def main():
     timed = {"stock top-k": base, "stock top-k/2": stock_top(base, args.k_main),
              "CE": with_compressed_experts(base, args.k_main)}
     for width in args.aux_width:
-        timed[f"CE+aux{width}"] = with_fitted_auxiliary(path, args.k_main, width, args.calib_samples, args.seq_len)
+        timed[f"CE+aux{width}"] = fitted_auxiliary(args, width)
     if args.matched:
         timed[f"stock top-{args.k_main + 1}"] = stock_top(base, args.k_main + 1)
     report["speed"] = speed(timed, base.config.vocab_size, args.reps)

@@ -266,12 +266,6 @@ class CompressedExpertsBlock(MoepressBlock):
             cfg["aux_width"] = self.aux_width
         return cfg
 
-    def auxiliary_parameters_per_expert(self) -> int:
-        """Numbers of one expert's mini-expert (0 without): gate, up, down, output bias (+ gate/up biases)."""
-        if self.aux_width is None:
-            return 0
-        r, h = self.aux_width, self.hidden_size
-        return 3 * r * h + h + (2 * r if self.biased else 0)
 
     def moepress_parameter_counts(self) -> tuple[int, int, int]:
         """(routed parameters stored incl. vectors, routed parameters active per token, experts).
@@ -280,8 +274,8 @@ class CompressedExpertsBlock(MoepressBlock):
         with `aux_width`, their mini-experts.
         """
         expert = self.expert_format.parameters_per_expert(self.hidden_size, self.intermediate_size)
-        vectors = (self.ce_input.numel() + self.ce_intermediate.numel()) // self.num_experts
-        compressed = vectors + self.auxiliary_parameters_per_expert()
+        # the block's own parameters (router and experts are children) are all per-expert: vectors + mini-expert
+        compressed = sum(p.numel() for p in self.parameters(recurse=False)) // self.num_experts
         stored = self.num_experts * (expert + compressed)
         return stored, self.k_main * expert + self.n_ce * compressed, self.num_experts
 

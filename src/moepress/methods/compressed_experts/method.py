@@ -33,12 +33,6 @@ from ..base import ConfigError, LayerContext, LayerResult, Method
 from .config import CompressedExpertsConfig
 
 
-def auxiliary_routing(weights: torch.Tensor, index: torch.Tensor, k_main: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's auxiliary experts and their weights `[T, k - k_main]` (the block's split)."""
-    _, _, aux_w, aux_i = split_main_auxiliary(weights, index, k_main)
-    return aux_w, aux_i
-
-
 def auxiliary_tokens(aux_w: torch.Tensor, aux_i: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of the tokens where `expert` is auxiliary, and its routing weight there."""
     hit = aux_i == expert
@@ -56,7 +50,7 @@ def fit_auxiliary(view: MoELayerView, batches: list, k_main: int, width: int, ri
     down, down_bias = view.down_proj, view.down_bias
     gate, up = view.gate_proj, view.up_proj
     device = batches[0][0].device if batches else gate.device
-    split = [auxiliary_routing(r.weights, r.index, k_main) for _, r in batches]
+    split = [split_main_auxiliary(r.weights, r.index, k_main)[2:] for _, r in batches]  # (aux_w, aux_i), as the block
     energy = torch.zeros(n, view.intermediate_size, dtype=torch.float64, device=device)
     for (x, _), (aux_w, aux_i) in zip(batches, split):
         for j in range(n):
@@ -81,9 +75,12 @@ def fit_auxiliary(view: MoELayerView, batches: list, k_main: int, width: int, ri
             rows, a = auxiliary_tokens(aux_w, aux_i, j)
             if rows.numel():
                 xj = x.index_select(0, rows)
-                features = torch.cat([view.intermediate(j, xj)[:, keep[j]], xj.new_ones(len(rows), 1)], dim=-1)
+                h_full = view.intermediate(j, xj)  # once: the features and the target E_j(x) (= view.expert)
+                stored = view.expert_format.stored_expert(view.experts, j)
+                target = view.expert_format.output(h_full, stored["down"], stored.get("down_bias"))
+                features = torch.cat([h_full[:, keep[j]], xj.new_ones(len(rows), 1)], dim=-1)
                 root = a.sqrt().unsqueeze(-1).to(xj.dtype)
-                equations[j].add(root * features, root * view.expert(j, xj))
+                equations[j].add(root * features, root * target)
     aux_down, aux_bias, tokens = [], [], []
     for j in range(n):
         eq = reduce(equations[j])
