@@ -20,6 +20,7 @@ from torch import nn
 from .arch import decoder_layers, family_of, is_stock_moe_block
 from .checks import ExportError, OutputDir, check_output_dir  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
+from .modeling.moepress_layout import to_hub_layout, use_hub_layout_on_save
 from .record import stage_figures, write_record
 
 
@@ -92,10 +93,8 @@ def _write_model(model: nn.Module, tmp: Path, method_name: str, export: str, sto
             shutil.copy2(MODELING_DIR / name, tmp / name)
     if store is not None:
         write_streamed_checkpoint(model, store, tmp)
-    elif export == "custom":
-        # Fused keys: the custom blocks' tensors are not in transformers' per-expert conversion table.
-        model.save_pretrained(tmp, save_original_format=False)
-    else:
+    else:  # the family's hub layout, for stock and custom checkpoints alike (modeling/moepress_layout.py)
+        use_hub_layout_on_save(model)
         model.save_pretrained(tmp)
 
 
@@ -113,8 +112,9 @@ def _replace(target: OutputDir, tmp: Path) -> None:
 
 
 def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
-    """The checkpoint of a bounded-memory run: the store's finished layer shards, moved into `tmp`,
-    plus one shard with everything else (embeddings, final norm, head), the index and the config."""
+    """The checkpoint of a bounded-memory run: the store's finished layer shards, moved into `tmp`
+    under the family's hub names, plus one shard with everything else (embeddings, final norm, head),
+    the index and the config."""
     from .layer_store import LAYER_PREFIX
 
     rest = {}
@@ -126,9 +126,10 @@ def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
             continue
         seen.add(tensor.data_ptr())
         rest[name] = tensor.contiguous()
+    rest = to_hub_layout(model, rest)
     save_file(rest, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
     weight_map = {k: "model-rest.safetensors" for k in rest}
-    weight_map.update(store.hand_over(tmp))
+    weight_map.update(store.hand_over(tmp, lambda state: to_hub_layout(model, state)))
     total = sum(_tensor_bytes(tmp / name) for name in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

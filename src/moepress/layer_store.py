@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
@@ -215,17 +215,30 @@ class StreamingLayers:
         tmp.replace(self.work_dir / PROGRESS)  # atomic: a kill never leaves a torn progress file
 
 
-    def hand_over(self, directory: Path) -> dict[str, str]:
+    def hand_over(self, directory: Path, convert=None) -> dict[str, str]:
         """Move the finished layer shards into checkpoint `directory`; returns `{tensor key: file}`.
 
+        `convert` (state dict -> state dict, e.g. to the hub's names) is applied to each shard on the
+        way, one layer in memory at a time; the work directory keeps in-memory names for resuming.
         The run is complete afterwards: its resume record goes, and so does a work directory this
         store created itself."""
+        weight_map = {}
         for fname in sorted(set(self.shards.values())):
-            shutil.move(str(self.work_dir / fname), Path(directory) / fname)
+            if convert is None:
+                shutil.move(str(self.work_dir / fname), Path(directory) / fname)
+                weight_map.update({k: fname for k, v in self.shards.items() if v == fname})
+                continue
+            state = convert(load_file(str(self.work_dir / fname)))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(directory) / fname),
+                      metadata={"format": "pt"})
+            weight_map.update({k: fname for k in state})
+            del state
+            (self.work_dir / fname).unlink()
+            release_freed_memory()
         (self.work_dir / PROGRESS).unlink(missing_ok=True)
         if self.owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        return dict(self.shards)
+        return weight_map
 
     def close(self) -> None:
         """Unmap the source checkpoint."""

@@ -7,6 +7,7 @@ Imports only torch and transformers (and its sibling files, copied beside it).
 
 `config.moepress["layers"]` maps a decoder-layer index to `{"kind": ..., **fields}`; the stock
 model is built first, then each listed layer's MLP is replaced by the block of that kind.
+Tensors are stored under the family's hub names (`moepress_layout.py`); fused keys load too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .moepress_compressed import KINDS as _COMPRESSED_KINDS
 from .moepress_delta import KINDS as _DELTA_KINDS
 from .moepress_experts import KINDS as _EXPERT_COUNT_KINDS
 from .moepress_family import FAMILY_FACTS, family_facts
+from .moepress_layout import register_hub_layout
 from .moepress_lowrank import KINDS as _LOWRANK_KINDS
 from .moepress_quant import apply_quant_layout
 from .moepress_remap import KINDS as _REMAP_KINDS
@@ -62,4 +64,6 @@ def class_name_for(model_type: str) -> str:
 # `modeling_moepress.MoepressMixtralForCausalLM`).
 for _family in FAMILY_FACTS.values():
     globals()[class_name_for(_family.model_type)] = _with_moepress_blocks(_family.causal_lm_class)
+    # checkpoints are written in the family's hub layout (moepress_layout.py): read it back
+    register_hub_layout(class_name_for(_family.model_type), _family.model_type)
 del _family
