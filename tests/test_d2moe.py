@@ -235,11 +235,14 @@ def test_ratio_sets_stored_parameters_and_pruning_is_recorded():
     assert errors["ratio 0.2"] < errors["ratio 0.4"] < errors["base alone"], errors
 
 
-def test_dynamic_pruning_removes_the_lowest_scoring_channels_of_the_batch():
+def test_batch_scope_pruning_removes_the_lowest_scoring_channels_of_the_batch():
+    """The paper's per-batch form (dynamic_scope="batch"): one channel set for the whole batch."""
     model = tiny_model("mixtral")
-    view, result, x = _compress_first_layer(model, rank=8, base_prune=0.2, static_share=0.0, base="mean", prepare=False)
+    view, result, x = _compress_first_layer(model, rank=8, base_prune=0.2, static_share=0.0, base="mean",
+                                            prepare=False, dynamic_scope="batch")
     block = result.block
     assert block.dynamic_channels == 19 and block.intermediate == view.intermediate_size  # round(0.2 * 96)
+    assert block.layer_config()["dynamic_scope"] == "batch"
     seen = {}
     original_mask = block._dynamic_mask
 
@@ -260,6 +263,35 @@ def test_dynamic_pruning_removes_the_lowest_scoring_channels_of_the_batch():
         removed = _block_out(block, x)
     assert not torch.allclose(pruned, full)
     assert torch.allclose(pruned, removed, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [3, 40], ids=["decode-path", "prefill-path"])
+def test_token_scope_pruning_is_per_token_and_batch_invariant(tokens):
+    """The default (dynamic_scope="token"): each token drops its own lowest-scoring channels, so its
+    output is the same alone and inside any batch (both compute paths), and differs from no pruning."""
+    model = tiny_model("mixtral")
+    _, result, x = _compress_first_layer(model, rank=8, base_prune=0.2, static_share=0.0, base="mean", prepare=False)
+    block = result.block
+    assert block.dynamic_scope == "token" and block.dynamic_channels == 19
+    x = x[:tokens]
+    with torch.no_grad():
+        batched = _block_out(block, x)
+        alone = torch.cat([_block_out(block, x[t:t + 1]) for t in range(tokens)])
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+        # token 0 alone, with its own 19 lowest channels removed from base and deltas by hand
+        seen = {}
+        original_mask = block._dynamic_mask
+        block._dynamic_mask = lambda aggregated: seen.setdefault("a", aggregated.clone()) is not None and original_mask(aggregated)
+        _block_out(block, x[:1])
+        del block._dynamic_mask
+        dropped = torch.argsort(block.base_down.norm(dim=0) * seen["a"][0].abs())[:19]
+        block.dynamic_channels = 0
+        full = _block_out(block, x[:1])
+        block.base_down[:, dropped] = 0
+        block.down_v[:, :, dropped] = 0
+        removed = _block_out(block, x[:1])
+    assert not torch.allclose(alone[:1], full)
+    torch.testing.assert_close(alone[:1], removed, atol=1e-5, rtol=1e-5)
 
 
 def test_whole_model_mode_uses_the_papers_delta_ratio():

@@ -13,9 +13,15 @@ is the model's own (MoepressBlock). The forward pass uses the linearity of the b
   activations: `Σ_i g_i (W_base + U_i V_i) h_i = W_base (Σ_i g_i h_i) + Σ_i g_i U_i V_i h_i`.
 
 Semi-dynamic channel pruning (Eq. 9): the statically pruned base channels are simply absent
-(the block's intermediate width is the kept width); `dynamic_channels` more are dropped per
-batch, scored `‖W_down_base[:, j]‖ · ‖Σ_i g_i h_i[:, j]‖` on the current batch, by masking
-(the channels' activations are zeroed for base and deltas alike). Deviation: masking saves no
+(the block's intermediate width is the kept width); `dynamic_channels` more are dropped by
+masking (the channels' activations are zeroed for base and deltas alike), scored
+`‖W_down_base[:, j]‖ · |Σ_i g_i h_i[t, j]|`:
+- `dynamic_scope="token"` (default): per token t, so a token's output never depends on the other
+  tokens of its batch: what a server needs (strangers' requests share batches; decode steps with a
+  KV cache see one token, prefill sees the whole prompt). Our deviation, for serving;
+- `dynamic_scope="batch"`: the paper's form, one channel set per batch, scored on the batch's
+  `‖Σ_i g_i h_i[:, j]‖` over its tokens (outputs then change with batch composition).
+Checkpoints that do not record a scope load with the default. Deviation: masking saves no
 FLOPs; at the paper's 5% dynamic share a column gather would save under 2% of the base's work
 and costs about as much as it saves at decode sizes, so the dynamic half here serves accuracy
 (paper Table 6: semi-dynamic beats static at equal sparsity), not speed.
@@ -37,6 +43,8 @@ except ImportError:  # pragma: no cover - older/newer transformers: the per-expe
 
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+DYNAMIC_SCOPES = ("token", "batch")  # per-token (default, batch-invariant) or the paper's per-batch pruning
+
 GATHER_MAX_PAIRS = 8  # (token, expert) pairs up to which the token-major small-batch path is used
 
 
@@ -53,8 +61,12 @@ class DeltaMoeBlock(MoepressBlock):
     kind = "delta"
 
     def __init__(self, stock, config, *, num_experts: int, intermediate: int, ranks: dict,
-                 share_v: bool = False, dynamic_channels: int = 0, original_intermediate: int | None = None):
+                 share_v: bool = False, dynamic_channels: int = 0, original_intermediate: int | None = None,
+                 dynamic_scope: str = "token"):
         super().__init__(stock, config)
+        if dynamic_scope not in DYNAMIC_SCOPES:
+            raise ValueError(f"dynamic_scope must be one of {DYNAMIC_SCOPES}, got {dynamic_scope!r}")
+        self.dynamic_scope = dynamic_scope
         ref = getattr(getattr(stock, "experts", None), "gate_up_proj", None)
         opts = dict(dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
                     device=ref.device if ref is not None else None)
@@ -82,13 +94,14 @@ class DeltaMoeBlock(MoepressBlock):
     def from_layer_config(cls, stock, config, layer_cfg: dict) -> "DeltaMoeBlock":
         fields = {k: layer_cfg[k] for k in ("num_experts", "intermediate", "ranks", "share_v",
                                             "dynamic_channels", "original_intermediate")}
-        return cls(stock, config, **fields)
+        return cls(stock, config, **fields, dynamic_scope=layer_cfg.get("dynamic_scope", "token"))
 
     def layer_config(self) -> dict:
         return {
             "kind": self.kind, "num_experts": self.num_experts, "intermediate": self.intermediate,
             "original_intermediate": self.original_intermediate, "ranks": dict(self.ranks),
             "share_v": self.share_v, "dynamic_channels": self.dynamic_channels,
+            "dynamic_scope": self.dynamic_scope,
         }
 
     def set_factors(self, bases: dict, factors: dict, biases: dict | None = None) -> None:
@@ -220,12 +233,17 @@ class DeltaMoeBlock(MoepressBlock):
         return self._norm_cache
 
     def _dynamic_mask(self, aggregated: torch.Tensor) -> torch.Tensor | None:
-        """0/1 mask `[I]` of the channels kept for this batch (Eq. 9 on the batch), or None."""
+        """0/1 mask of the channels kept (Eq. 9), or None: `[T, I]` per token (scope "token"), or `[I]`
+        for the whole batch (scope "batch", the paper's)."""
         if self.dynamic_channels <= 0 or self.dynamic_channels >= self.intermediate:
             return None
-        score = self._down_column_norms() * aggregated.float().norm(dim=0)
-        drop = torch.topk(score, self.dynamic_channels, largest=False, sorted=False).indices
-        return torch.ones(self.intermediate, dtype=aggregated.dtype, device=aggregated.device).index_fill_(0, drop, 0)
+        if self.dynamic_scope == "batch":
+            score = self._down_column_norms() * aggregated.float().norm(dim=0)
+            drop = torch.topk(score, self.dynamic_channels, largest=False, sorted=False).indices
+            return torch.ones(self.intermediate, dtype=aggregated.dtype, device=aggregated.device).index_fill_(0, drop, 0)
+        score = self._down_column_norms() * aggregated.float().abs()                     # [T, I]
+        drop = torch.topk(score, self.dynamic_channels, dim=-1, largest=False, sorted=False).indices
+        return torch.ones_like(aggregated).scatter_(-1, drop, 0)
 
     def _path(self, index: torch.Tensor, x: torch.Tensor) -> str:
         if index.numel() <= GATHER_MAX_PAIRS:
@@ -255,7 +273,7 @@ class DeltaMoeBlock(MoepressBlock):
         aggregated = h.sum(1)
         mask = self._dynamic_mask(aggregated)
         if mask is not None:
-            h, aggregated = h * mask, aggregated * mask
+            h, aggregated = h * (mask.unsqueeze(1) if mask.dim() == 2 else mask), aggregated * mask
         down = self._down_delta_gathered(h.reshape(t * k, i), expert).view(t, k, -1)
         if self.biased:
             down = down + weights.unsqueeze(-1) * self.down_bias[index]
@@ -283,7 +301,7 @@ class DeltaMoeBlock(MoepressBlock):
         aggregated = x.new_zeros(x.shape[0], i).index_add_(0, token, h)
         mask = self._dynamic_mask(aggregated)
         if mask is not None:
-            h.mul_(mask)
+            h.mul_(mask.index_select(0, token) if mask.dim() == 2 else mask)
             aggregated.mul_(mask)
         out = aggregated @ self.base_down.T                                      # base down once per token
         down = self._down_delta_grouped(h, offsets) if path == "grouped" else self._down_delta_looped(h, counts)

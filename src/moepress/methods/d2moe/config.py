@@ -8,6 +8,7 @@ from ..base import ConfigError, MethodConfig
 
 BASES = ("fisher", "mean", "freq")
 RATIO_MODES = ("experts", "whole_model")
+DYNAMIC_SCOPES = ("token", "batch")
 
 
 @dataclass
@@ -20,8 +21,12 @@ class D2MoEConfig(MethodConfig):
                 "whole_model: fraction of all parameters removed (the paper's Table 12)"})
     base_prune: float = field(default=0.1, metadata={
         "help": "fraction of the base's intermediate channels pruned (paper pp_ratio; 0.1 'performance', "
-                "0.6 'throughput'); static_share of it is removed at compression time, the rest per batch"})
+                "0.6 'throughput'); static_share of it is removed at compression time, the rest at run time "
+                "(per token or per batch: dynamic_scope)"})
     static_share: float = field(default=0.5, metadata={"help": "share of base_prune done statically (paper: 0.5)"})
+    dynamic_scope: str = field(default="token", metadata={
+        "help": "dynamic base pruning per token (default: a token's output never depends on its batch, as "
+                "serving needs) or per batch (the paper's Eq. 9 on the batch: outputs change with batch composition)"})
     share_v: bool = field(default=False, metadata={"help": "one V per projection shared by all experts (paper Table 11)"})
     rank: int | None = field(default=None, metadata={"help": "explicit rank for every delta (replaces --ratio)"})
     rank_multiple: int = field(default=8, metadata={
@@ -38,6 +43,8 @@ class D2MoEConfig(MethodConfig):
             raise ConfigError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
         if self.ratio_mode not in RATIO_MODES:
             raise ConfigError(f"ratio_mode must be one of {', '.join(RATIO_MODES)}, got {self.ratio_mode!r}")
+        if self.dynamic_scope not in DYNAMIC_SCOPES:
+            raise ConfigError(f"dynamic_scope must be one of {', '.join(DYNAMIC_SCOPES)}, got {self.dynamic_scope!r}")
         if not 0.0 <= float(self.base_prune) < 1.0:
             raise ConfigError(f"base_prune must be in [0, 1), got {self.base_prune}")
         if not 0.0 <= float(self.static_share) <= 1.0:

@@ -183,7 +183,7 @@ class D2MoE(Method):
     def _build_block(self, view, kept, ranks, dynamic, bases, factors, keep) -> DeltaMoeBlock:
         block = DeltaMoeBlock(view.block, view.config, num_experts=view.num_experts, intermediate=kept,
                               ranks=ranks, share_v=self.config.share_v, dynamic_channels=dynamic,
-                              original_intermediate=view.intermediate_size)
+                              original_intermediate=view.intermediate_size, dynamic_scope=self.config.dynamic_scope)
         biases = None
         if view.gate_bias is not None:
             biases = {"gate": view.gate_bias[:, keep], "up": view.up_bias[:, keep], "down": view.down_bias}
