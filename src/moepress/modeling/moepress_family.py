@@ -213,7 +213,9 @@ class ExpertFormat:
         self.biased = family.expert_biases
         self.interleaved = self.layout == "interleaved_transposed"
         if family.activation == "clamped_swiglu":
-            self.alpha, self.limit = float(config.swiglu_alpha), float(config.swiglu_limit)
+            # config fields since transformers 5.2x; before, the experts module hard-coded these values
+            self.alpha = float(getattr(config, "swiglu_alpha", 1.702))
+            self.limit = float(getattr(config, "swiglu_limit", 7.0))
             self.act_fn = None
         else:
             self.act_fn = ACT2FN[getattr(config, "hidden_act", "silu")]
