@@ -1,0 +1,7 @@
+"""Serving moepress outputs in inference engines.
+
+- `vllm_plugin`: the entry point vLLM loads (`vllm.general_plugins`); it registers one vLLM model
+  per `Moepress<Family>ForCausalLM` architecture, without importing vLLM's model code until used.
+- `vllm_models`: those models (imported only inside vLLM): the family's own vLLM model, with the
+  layers a moepress checkpoint lists served by moepress's block of that kind.
+"""
