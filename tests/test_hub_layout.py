@@ -110,3 +110,17 @@ def test_fused_custom_checkpoints_of_earlier_versions_still_load(tiny_checkpoint
         (tmp_path / "fused" / name).write_bytes((out / name).read_bytes())
     assert any(k.endswith("mlp.gate_up_proj") for k in disk_keys(tmp_path / "fused"))
     torch.testing.assert_close(moepress.load(tmp_path / "fused")(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", [("moe_i2", {}), ("reap", {"quantize": "int8"})], ids=["moe_i2", "reap+int8"])
+def test_resident_custom_outputs_name_the_moepress_class(method, options, tiny_checkpoint, calib_file, tmp_path):
+    """`architectures` decides the class engines build: a custom checkpoint saved from memory (where
+    `save_pretrained` would write the stock class's name) names the moepress class."""
+    from moepress.modeling.modeling_moepress import class_name_for
+
+    result = moepress.compress(tiny_checkpoint("qwen3_moe"), method, ratio=0.5, calib=calib_file, offload=False,
+                               **CALIBRATION, **options)
+    out = result.save(tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [class_name_for("qwen3_moe")]
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith(class_name_for("qwen3_moe"))

@@ -88,7 +88,9 @@ def test_model_to_dtype_keeps_fp8_storage():
 # ---------------------------------------------------------------- checkpoints that reload
 @pytest.mark.parametrize("family,method,scheme,options", [
     ("mixtral", "reap", "int8", {}), ("gpt_oss", "average", "int8", {}), ("qwen2_moe", "mergemoe", "fp8", {}),
-    ("olmoe", "d2moe", "int8", {"base_prune": 0.2})])
+    # the paper's per-batch channel choice: per token (the default), rounding the base flips a token's
+    # near-tied channel choices on this random model, which is not what the bound measures
+    ("olmoe", "d2moe", "int8", {"base_prune": 0.2, "dynamic_scope": "batch"})])
 def test_quantized_compressed_checkpoint_reloads_with_the_same_logits(family, method, scheme, options, calib_file,
                                                                       tokenizer, tmp_path):
     plain = _compress(family, method, calib_file, tokenizer, **options)

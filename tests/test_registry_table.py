@@ -72,6 +72,7 @@ def test_compress_save_reload_same_logits(method, family, tiny_checkpoint, calib
     config = json.loads((out / "config.json").read_text())
     custom = result.method.export == "custom"
     assert ("auto_map" in config) == custom and ("moepress" in config) == custom
+    assert config["architectures"][0].startswith("Moepress") == custom  # what serving engines build
     record = json.loads((out / "moepress.json").read_text())
     assert record["method"] == method and record["family"] == family
     if result.method.needs_calibration:
@@ -84,6 +85,19 @@ def test_compress_save_reload_same_logits(method, family, tiny_checkpoint, calib
     assert (type(plain).__module__.startswith("transformers.")) != custom
     torch.testing.assert_close(_logits(plain), expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(_logits(moepress.load(out)), expected, atol=ATOL, rtol=0)
+    _assert_batch_and_cache_invariant(plain, expected)
+
+
+def _assert_batch_and_cache_invariant(model, expected):
+    """What a server needs of every block kind: a sequence's logits do not depend on the sequences
+    batched with it, and decoding with the KV cache gives the logits of the full forward."""
+    ids = _ids()
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            torch.testing.assert_close(model(ids[row:row + 1]).logits[0], expected[row], atol=ATOL, rtol=0)
+        prefix = model(ids[:, :12], use_cache=True)
+        step = model(ids[:, 12:13], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, expected[:, 12], atol=ATOL, rtol=0)
 
 
 # Offloading every cell would triple the table's time; each method gets one family in turn, which

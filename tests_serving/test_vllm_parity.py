@@ -4,7 +4,8 @@ Needs vLLM's CPU build in its own venv with moepress installed into it (`make vl
 `MOEPRESS_VLLM_PYTHON`. Every registered method (and `--quantize int8`, `--budget auto`, D²-MoE's
 paper per-batch form is left out: it is batch-dependent by design) compresses two sources:
 `mixtral-ref` (the trained reference) and a random Qwen3-MoE with head_dim 32 (vLLM's CPU attention
-refuses 16) whose head is scaled so greedy choices are decisive. All outputs are served one after
+refuses 16) whose head is scaled so greedy choices are decisive; random Qwen2-MoE and OLMoE models
+get one variant of each block kind. All outputs are served one after
 another in one vLLM process, each prompt batched with the others and alone; transformers
 (`moepress.load`, this venv's transformers) computes the same greedy continuations with and without
 its KV cache.
@@ -40,20 +41,35 @@ VARIANTS = {
     "mergemoe+layers": ("mergemoe", {"layers": "1", "tokens": "all"}),
     "compressed_experts+aux": ("compressed_experts", {"aux_width": 16}),
 }
+KEYS = ([(s, v) for s in ("mixtral-ref", "qwen3") for v in ("original", *VARIANTS)]
+        + [(s, v) for s in ("qwen2_moe", "olmoe") for v in ("original", *KIND_VARIANTS)])
 
 
-def _qwen3_source(directory: Path) -> Path:
-    """A random Qwen3-MoE (hidden 128, 4 heads of 32, 8 experts, top-2) with mixtral-ref's tokenizer."""
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False)
+# random sources: hidden 128 with 4 heads of 32 (vLLM's CPU attention refuses head_dim 16), 8 experts, top-2
+RANDOM_SOURCES = {
+    "qwen3": ("Qwen3MoeConfig", dict(moe_intermediate_size=96, num_experts=8, norm_topk_prob=True, head_dim=32)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=96, shared_expert_intermediate_size=128,
+                                         num_experts=8, norm_topk_prob=False)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8)),
+}
+# every registered method on the first two sources; the block kinds on the other families
+KIND_VARIANTS = ("mergemoe", "d2moe", "compressed_experts+aux", "moe_i2", "reap+int8")
+
+
+def _random_source(name: str, directory: Path) -> Path:
+    """A random model of `name`'s family with mixtral-ref's tokenizer; router and head scaled so
+    routing and greedy choices are decisive (no near-ties for kernel rounding to flip)."""
+    class_name, extra = RANDOM_SOURCES[name]
+    config = getattr(transformers, class_name)(
+        vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=False,
+        **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.weight.mul_(8.0)  # decisive routing
-        model.lm_head.weight.mul_(30.0)      # decisive greedy choices
+            layer.mlp.gate.weight.mul_(8.0)
+        model.lm_head.weight.mul_(30.0)
     model.save_pretrained(directory)
     transformers.AutoTokenizer.from_pretrained(reference_model_path("mixtral-ref")).save_pretrained(directory)
     return directory
@@ -62,16 +78,26 @@ def _qwen3_source(directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """`{(source, variant): (checkpoint dir, vLLM record)}` for every source and variant."""
-    root = tmp_path_factory.mktemp("serving")
-    sources = {"mixtral-ref": reference_model_path("mixtral-ref"), "qwen3": _qwen3_source(root / "qwen3-src")}
+    # MOEPRESS_SERVING_WORK: keep the checkpoints there and reuse them (developing the plugin)
+    keep = os.environ.get("MOEPRESS_SERVING_WORK")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("serving")
+    root.mkdir(parents=True, exist_ok=True)
+    sources = {"mixtral-ref": reference_model_path("mixtral-ref")}
+    for name in RANDOM_SOURCES:
+        src = root / f"{name}-src"
+        sources[name] = src if (src / "config.json").exists() else _random_source(name, src)
     outputs = {}
     for source_name, source in sources.items():
         outputs[(source_name, "original")] = Path(source)
         for variant, (method, options) in VARIANTS.items():
-            options = {**OPTIONS.get(method, {}), **options}
-            ratio = {} if "experts" in options else {"ratio": 0.5}
-            result = moepress.compress(str(source), method, **ratio, **CALIBRATION, **options)
-            outputs[(source_name, variant)] = result.save(root / f"{source_name}-{variant}")
+            if (source_name, variant) not in KEYS:
+                continue
+            out = root / f"{source_name}-{variant}"
+            if not (out / "moepress.json").exists():
+                options = {**OPTIONS.get(method, {}), **options}
+                result = moepress.compress(str(source), method, ratio=0.5, **CALIBRATION, **options)
+                result.save(out)
+            outputs[(source_name, variant)] = out
     prompts = root / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     proc = subprocess.run([VLLM_PYTHON, "-m", "moepress.serving.vllm_generate", "--prompts", str(prompts),
@@ -103,7 +129,6 @@ def _logprobs(model, prompt: list[int], continuation: list[int]) -> list[float]:
     return [float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(continuation)]
 
 
-KEYS = [(s, v) for s in ("mixtral-ref", "qwen3") for v in ("original", *VARIANTS)]
 
 
 @pytest.mark.parametrize("source,variant", KEYS, ids=[f"{s}-{v}" for s, v in KEYS])

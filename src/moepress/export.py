@@ -96,6 +96,11 @@ def _write_model(model: nn.Module, tmp: Path, method_name: str, export: str, sto
     else:  # the family's hub layout, for stock and custom checkpoints alike (modeling/moepress_layout.py)
         use_hub_layout_on_save(model)
         model.save_pretrained(tmp)
+        if export == "custom":
+            # save_pretrained names the in-memory class (the stock one, with moepress blocks swapped in);
+            # engines pick the model by `architectures`: it must name the moepress class
+            _prepare_custom_config(model, method_name)
+            model.config.save_pretrained(tmp)
 
 
 def _replace(target: OutputDir, tmp: Path) -> None:

@@ -4,7 +4,8 @@
 
 `prompts.json` is a list of token-id lists. Prints one JSON line per checkpoint:
 `{"model": DIR, "tokens": [[...] per prompt], "logprobs": [[...] per prompt], "seconds": s}`
-with the log-probability vLLM gives each chosen token. Used by the serving parity tests and
+with the log-probability vLLM gives each chosen token, or `{"model": DIR, "error": ...}` for a
+checkpoint vLLM could not serve (the others still run; the exit status is then 1). Used by the serving parity tests and
 `benchmarks/serve_speed.py`; the models are served one after another in this one process.
 """
 
@@ -53,20 +54,25 @@ def main(argv=None) -> int:
                         help="also generate every prompt alone (its output must not depend on the batch)")
     args = parser.parse_args(argv)
     prompts = json.loads(open(args.prompts).read())
+    failed = 0
     for model in args.models:
         started = time.perf_counter()
-        llm = engine(model, dtype=args.dtype)
-        tokens, logprobs = greedy(llm, prompts, args.max_tokens)
-        record = {"model": model, "tokens": tokens, "logprobs": logprobs}
-        if args.one_by_one:
-            alone = [greedy(llm, [p], args.max_tokens) for p in prompts]
-            record["alone_tokens"] = [t[0] for t, _ in alone]
-            record["alone_logprobs"] = [lp[0] for _, lp in alone]
+        llm = None
+        try:
+            llm = engine(model, dtype=args.dtype)
+            tokens, logprobs = greedy(llm, prompts, args.max_tokens)
+            record = {"model": model, "tokens": tokens, "logprobs": logprobs}
+            if args.one_by_one:
+                alone = [greedy(llm, [p], args.max_tokens) for p in prompts]
+                record["alone_tokens"] = [t[0] for t, _ in alone]
+                record["alone_logprobs"] = [lp[0] for _, lp in alone]
+        except Exception as error:  # noqa: BLE001 - reported per checkpoint; the next one still runs
+            record, failed = {"model": model, "error": f"{type(error).__name__}: {error}"}, failed + 1
         record["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(record), flush=True)
         del llm
         gc.collect()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

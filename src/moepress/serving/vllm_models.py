@@ -36,9 +36,11 @@ _HALF_OR_FULL = (torch.float32, torch.float16, torch.bfloat16)
 
 @torch.library.custom_op("moepress::served_block", mutates_args=())
 def served_block(hidden_states: torch.Tensor, name: str) -> torch.Tensor:
-    """The moepress block registered as `name` on flat tokens `[T, H]` -> `[T, H]`."""
-    out = _SERVED[name](hidden_states)
-    return out[0] if isinstance(out, tuple) else out  # gpt-oss blocks also return router scores
+    """The moepress block registered as `name` on flat tokens `[T, H]` -> `[T, H]` (as one sequence
+    `[1, T, H]`: transformers' stock blocks, the per-layer expert counts, want three dimensions)."""
+    out = _SERVED[name](hidden_states.unsqueeze(0))
+    out = out[0] if isinstance(out, tuple) else out  # gpt-oss blocks also return router scores
+    return out.reshape(hidden_states.shape)
 
 
 @served_block.register_fake
@@ -80,8 +82,9 @@ def _drop_fused_moe(vllm_config, module: nn.Module) -> None:
         name = getattr(sub, "layer_name", None)
         if isinstance(name, str) and name in compilation.static_forward_context:
             del compilation.static_forward_context[name]
-            if name in compilation.static_all_moe_layers:
-                compilation.static_all_moe_layers.remove(name)
+            all_moe_layers = getattr(compilation, "static_all_moe_layers", None)  # vLLM >= 0.1x
+            if all_moe_layers is not None and name in all_moe_layers:
+                all_moe_layers.remove(name)
 
 
 def _place(block: nn.Module, device, dtype: torch.dtype) -> nn.Module:
@@ -111,9 +114,15 @@ def _load_block(block: nn.Module, config, index: int, tensors: dict[str, torch.T
         if full in tensors:  # stored under its in-memory name (a fused checkpoint of moepress 0.1)
             parts = {full: None}
         else:
-            # where transformers' table puts each element of this tensor: an index tensor run through
-            # the same conversion that wrote the checkpoint
-            parts = to_hub_layout(layout_owner, {full: torch.arange(target.numel()).reshape(target.shape)})
+            # the hub names transformers' table gives this tensor (shapes only, on meta); a plain rename
+            # is copied whole, a split (fused experts -> per expert) is undone through an index tensor
+            # run through the same conversion that wrote the checkpoint
+            renamed = to_hub_layout(layout_owner, {full: torch.empty(target.shape, device="meta")})
+            (hub_name, hub_shape), = renamed.items() if len(renamed) == 1 else ((None, None),)
+            if hub_name is not None and tuple(hub_shape.shape) == tuple(target.shape):
+                parts = {hub_name: None}
+            else:
+                parts = to_hub_layout(layout_owner, {full: torch.arange(target.numel()).reshape(target.shape)})
         flat = target.data.view(-1)
         with torch.no_grad():
             for hub_name, positions in parts.items():
