@@ -41,8 +41,6 @@ VARIANTS = {
     "mergemoe+layers": ("mergemoe", {"layers": "1", "tokens": "all"}),
     "compressed_experts+aux": ("compressed_experts", {"aux_width": 16}),
 }
-KEYS = ([(s, v) for s in ("mixtral-ref", "qwen3") for v in ("original", *VARIANTS)]
-        + [(s, v) for s in ("qwen2_moe", "olmoe") for v in ("original", *KIND_VARIANTS)])
 
 
 # random sources: hidden 128 with 4 heads of 32 (vLLM's CPU attention refuses head_dim 16), 8 experts, top-2
@@ -54,6 +52,8 @@ RANDOM_SOURCES = {
 }
 # every registered method on the first two sources; the block kinds on the other families
 KIND_VARIANTS = ("mergemoe", "d2moe", "compressed_experts+aux", "moe_i2", "reap+int8")
+KEYS = ([(s, v) for s in ("mixtral-ref", "qwen3") for v in ("original", *VARIANTS)]
+        + [(s, v) for s in ("qwen2_moe", "olmoe") for v in ("original", *KIND_VARIANTS)])
 
 
 def _random_source(name: str, directory: Path) -> Path:
@@ -82,12 +82,16 @@ def served(tmp_path_factory):
     keep = os.environ.get("MOEPRESS_SERVING_WORK")
     root = Path(keep) if keep else tmp_path_factory.mktemp("serving")
     root.mkdir(parents=True, exist_ok=True)
+    # MOEPRESS_SERVING_SOURCES: a comma list of the sources to serve (select their tests with -k)
+    only = set(filter(None, os.environ.get("MOEPRESS_SERVING_SOURCES", "").split(",")))
     sources = {"mixtral-ref": reference_model_path("mixtral-ref")}
     for name in RANDOM_SOURCES:
         src = root / f"{name}-src"
         sources[name] = src if (src / "config.json").exists() else _random_source(name, src)
     outputs = {}
     for source_name, source in sources.items():
+        if only and source_name not in only:
+            continue
         outputs[(source_name, "original")] = Path(source)
         for variant, (method, options) in VARIANTS.items():
             if (source_name, variant) not in KEYS:
