@@ -12,8 +12,9 @@ engine per checkpoint (offline `LLM`, `enforce_eager` unless `--compile`) and th
 rounds, measures every engine in turn (interleaved, so drift of the shared machine hits all alike):
 - prefill tokens/s: `--prefill-batch` prompts of `--prompt-len` random tokens, 1 output token;
 - decode tokens/s at batch 1 and at `--batch`: (generated tokens) / (time - that batch's prefill time);
-- weight memory: bytes of the checkpoint's tensors (what the engine holds resident: moepress's
-  blocks keep their stored tensors, quantized ones dequantize per forward).
+- weight memory: bytes of the weights the engine holds, in the served dtype (vLLM casts every
+  half/full-precision tensor to it; moepress's blocks keep their stored tensors, int8/fp8 experts
+  stay one byte and dequantize per forward).
 Prints the median of each over the rounds, ratios against the original, and the command line and
 versions it ran with.
 """
@@ -46,12 +47,26 @@ def _versions() -> str:
     return ", ".join(out)
 
 
-def _checkpoint_bytes(path: Path) -> int:
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "F8_E4M3": 1, "BOOL": 1}
+
+
+def _resident_bytes(path: Path, dtype: str) -> int:
+    """Bytes of weights the engine holds for checkpoint `path` served in `dtype`: every half/full
+    precision tensor in that dtype (vLLM casts to it), int8/fp8 tensors as stored."""
+    served = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     total = 0
     for file in path.glob("*.safetensors"):
         with file.open("rb") as fh:
-            header = int.from_bytes(fh.read(8), "little")
-        total += file.stat().st_size - 8 - header
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            kind = info["dtype"]
+            total += numel * (served if kind in ("F32", "F16", "BF16") else _ITEMSIZE.get(kind, 4))
     return total
 
 
@@ -164,9 +179,9 @@ def main(argv=None) -> int:
     header = ["checkpoint", "weights MB", *keys]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    base_bytes = _checkpoint_bytes(source)
+    base_bytes = _resident_bytes(source, args.dtype)
     for name, figures in medians.items():
-        size = _checkpoint_bytes(Path(checkpoints[name]))
+        size = _resident_bytes(Path(checkpoints[name]), args.dtype)
         cells = [name, f"{size / 1e6:.2f} (x{size / base_bytes:.2f})"]
         cells += [f"{figures[k]:.0f} (x{figures[k] / base[k]:.2f})" for k in keys]
         print("| " + " | ".join(cells) + " |")
