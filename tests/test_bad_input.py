@@ -90,6 +90,7 @@ CASES = {
     "bad --dtype": ("ok", ["--dtype", "int8"], "--dtype must be one of"),
     "existing output": ("ok", ["--out", "EXISTING"], "pass --overwrite"),
     "output is the source": ("ok", ["--out", "SOURCE"], "is the source model"),
+    "output inside the source": ("ok", ["--out", "INSIDE_SOURCE"], "is inside the source model"),
     "missing calibration file": ("ok", ["--calib", "MISSING"], "does not exist"),
 }
 
@@ -118,7 +119,8 @@ def _args(source, extra: list, calib_file: Path, tmp: Path) -> list[str]:
         else:
             args[key] = value
     substitutions = {"TINY_CALIB": str(tmp / "tiny.txt"), "EXISTING": str(tmp / "existing"),
-                     "SOURCE": str(source), "MISSING": str(tmp / "missing.txt")}
+                     "SOURCE": str(source), "MISSING": str(tmp / "missing.txt"),
+                     "INSIDE_SOURCE": str(Path(str(source)) / "sub")}
     flat = [str(source)]
     for key, value in args.items():
         flat += [key, substitutions.get(value, value)]
@@ -160,3 +162,17 @@ def test_argument_errors_need_no_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.stdout.strip() == "exit 2 False", res.stdout + res.stderr
     assert "nothing to compress" in res.stderr
+
+
+def test_overwriting_a_folder_that_holds_the_source_is_refused(tmp_path):
+    """`--out PARENT --overwrite` would delete PARENT, and the source model inside it, at the end."""
+    from moepress.checks import ExportError, check_output_dir
+
+    source = tmp_path / "models" / "ref"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match="would delete the source model"):
+        check_output_dir(tmp_path / "models", source, overwrite=True)
+    with pytest.raises(ExportError, match="not empty"):  # without --overwrite it was refused already
+        check_output_dir(tmp_path / "models", source, overwrite=False)
+    assert check_output_dir(tmp_path / "elsewhere", source, overwrite=True).path == (tmp_path / "elsewhere").resolve()

@@ -40,8 +40,15 @@ def check_output_dir(out: str | Path, source: str | Path | None, overwrite: bool
     """Refuse to write over the source model, and over an existing directory unless `overwrite`."""
     out = Path(out).expanduser().resolve()
     if source is not None and Path(str(source)).expanduser().exists():
-        if out == Path(str(source)).expanduser().resolve():
+        src = Path(str(source)).expanduser().resolve()
+        if out == src:
             raise ExportError(f"output {out} is the source model; choose another --out")
+        if out.is_relative_to(src):
+            raise ExportError(f"output {out} is inside the source model {src}, which is never written to; "
+                              f"choose an --out outside it")
+        if overwrite and src.is_relative_to(out):
+            raise ExportError(f"--overwrite of {out} would delete the source model {src} inside it; "
+                              f"choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is a file; --out must be a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
