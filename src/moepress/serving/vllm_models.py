@@ -118,8 +118,8 @@ def _load_block(block: nn.Module, config, index: int, tensors: dict[str, torch.T
             # is copied whole, a split (fused experts -> per expert) is undone through an index tensor
             # run through the same conversion that wrote the checkpoint
             renamed = to_hub_layout(layout_owner, {full: torch.empty(target.shape, device="meta")})
-            (hub_name, hub_shape), = renamed.items() if len(renamed) == 1 else ((None, None),)
-            if hub_name is not None and tuple(hub_shape.shape) == tuple(target.shape):
+            [(hub_name, hub)] = renamed.items() if len(renamed) == 1 else [(None, None)]
+            if hub is not None and hub.shape == target.shape:
                 parts = {hub_name: None}
             else:
                 parts = to_hub_layout(layout_owner, {full: torch.arange(target.numel()).reshape(target.shape)})
@@ -166,7 +166,7 @@ def _served_class(model_type: str):
 
         def load_weights(self, weights):
             # a replaced layer's tensors: under the hub's block name, or the in-memory `mlp` name (the
-            # fused checkpoints of moepress 0.1); both spellings are offered to `_load_block`
+            # fused checkpoints of moepress 0.1); `_load_block` maps either to the block's parameters
             prefixes = {f"model.layers.{i}.{block}.": i for i in self._moepress_blocks for block in {attr, "mlp"}}
             pending: dict[int, dict[str, torch.Tensor]] = {i: {} for i in self._moepress_blocks}
 
@@ -175,10 +175,8 @@ def _served_class(model_type: str):
                     prefix = next((p for p in prefixes if name.startswith(p)), None)
                     if prefix is None:
                         yield name, tensor
-                        continue
-                    index, rest = prefixes[prefix], name[len(prefix):]
-                    pending[index][name] = tensor
-                    pending[index][f"model.layers.{index}.mlp.{rest}"] = tensor
+                    else:
+                        pending[prefixes[prefix]][name] = tensor
 
             loaded = set(super().load_weights(stock_weights()))
             for index, block in self._moepress_blocks.items():
