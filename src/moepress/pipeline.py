@@ -66,8 +66,12 @@ def to_device(value, device: torch.device | None):
     return value
 
 
-def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet, batch_size: int):
+def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet | None, batch_size: int, *,
+                         batches: list[torch.Tensor] | None = None):
     """Inputs of decoder layer 0 for every calibration batch of this rank, and each layer's keyword arguments.
+
+    `batches`: exactly these token-id batches instead of this rank's shard of `calibration` in
+    batches of `batch_size` (D²-MoE's Fisher deals whole batches to the ranks).
 
     Decoder layers are temporarily replaced by recorders (their weights are never touched, so
     this works on a model whose layers live on the meta device). Returns `(hidden, kwargs)` where
@@ -102,7 +106,7 @@ def capture_layer_inputs(model: nn.Module, calibration: CalibrationSet, batch_si
     device = next(p.device for p in model.get_input_embeddings().parameters())
     try:
         with torch.no_grad():
-            for ids in local_batches(calibration, batch_size):
+            for ids in (local_batches(calibration, batch_size) if batches is None else batches):
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:

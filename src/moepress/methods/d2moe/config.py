@@ -9,6 +9,7 @@ from ..base import ConfigError, MethodConfig
 BASES = ("fisher", "mean", "freq")
 RATIO_MODES = ("experts", "whole_model")
 DYNAMIC_SCOPES = ("token", "batch")
+FISHER_PRECISIONS = ("float64", "float32")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class D2MoEConfig(MethodConfig):
     channel_multiple: int = field(default=64, metadata={"help": "round pruned channel counts to this multiple where the width allows"})
     fisher_batch_size: int = field(default=1, metadata={"help": "sequences per forward/backward when estimating Fisher"})
     fisher_chunk_layers: int = field(default=4, metadata={"help": "MoE layers whose expert gradients are held at once"})
+    fisher_precision: str = field(default="float64", metadata={
+        "help": "accumulators of the squared gradients: float64 (default: the sum is the same on any number of "
+                "data-parallel ranks) or float32 (half the memory, as the released code; ranks then agree only "
+                "to float32 summation order)"})
     fisher_samples: int | None = field(default=None, metadata={"help": "calibration sequences used for Fisher (default: all)"})
 
     def __post_init__(self):
@@ -45,6 +50,9 @@ class D2MoEConfig(MethodConfig):
             raise ConfigError(f"ratio_mode must be one of {', '.join(RATIO_MODES)}, got {self.ratio_mode!r}")
         if self.dynamic_scope not in DYNAMIC_SCOPES:
             raise ConfigError(f"dynamic_scope must be one of {', '.join(DYNAMIC_SCOPES)}, got {self.dynamic_scope!r}")
+        if self.fisher_precision not in FISHER_PRECISIONS:
+            raise ConfigError(f"fisher_precision must be one of {', '.join(FISHER_PRECISIONS)}, "
+                              f"got {self.fisher_precision!r}")
         if not 0.0 <= float(self.base_prune) < 1.0:
             raise ConfigError(f"base_prune must be in [0, 1), got {self.base_prune}")
         if not 0.0 <= float(self.static_share) <= 1.0:

@@ -2,7 +2,11 @@
 
 `F = (1/B) Σ_b (∂ℓ_b/∂W)²` element-wise, ℓ_b the next-token cross-entropy of calibration batch b
 (`batch_size` sequences, B batches; empirical Fisher with the true labels, as in the released
-`get_fisher.py`), accumulated in float32.
+`get_fisher.py`). The gradients are float32 (the compute dtype); their squares are accumulated in
+float64 by default (`fisher_precision`): a float32 square is exact there and the sum of a few
+hundred batches keeps ~1e-15 relative, so data-parallel ranks reproduce one process's Fisher
+(float32 accumulators, as the released code, differ in the 7th digit with the summation order, and
+a truncated SVD of the deltas amplified that to 2e-5 of the reconstructed experts in tests).
 
 Layer by layer, so the model is never resident. The gradient of ℓ_b with respect to layer i's
 expert weights is the vector-Jacobian product of layer i alone with `∂ℓ_b/∂h_{i+1}` (the gradient
@@ -21,15 +25,17 @@ arriving at its output), so the chain rule is walked one layer at a time:
    DeepSeek, whose dense layers come first) only pass the gradient down.
 
 Peak memory: one decoder layer + the calibration hidden states + their gradients + one layer's
-accumulators (its expert parameters twice, float32) + one batch's activations, independent of
+accumulators (its expert parameters, float64: 8 bytes per routed-expert parameter of the layer;
+11.3 GB for a Mixtral-8x7B layer, half with `fisher_precision=float32`) + one batch's activations, independent of
 depth. The merged bases go to the scratch directory too and are read back one layer at a time
 (`FisherBases`): for Mixtral-8x7B they are 0.7 GB per layer in float32. Disk: the inputs of every
 layer from the first MoE layer on (sequences × length × hidden values each), deleted as the
 backward walk consumes them. Cost: per batch and layer two forwards and one backward (one forward
 more than back-propagating through a resident model).
 
-Sums over batches (the accumulators, frequencies and the batch count) are all-reduced over ranks
-before the merge, so data-parallel ranks holding shards of the calibration agree on the bases.
+Data parallel: the ranks take contiguous runs of whole Fisher batches (`_rank_batches`), so every
+ℓ_b is the loss of the batch one process would form, and the sums over batches (the accumulators,
+frequencies and the batch count) are all-reduced before the merge. The scratch files are per rank.
 
 Deviations: the model stays in eval mode (no dropout); the released code used train mode. ℓ is the
 cross-entropy alone: the router load-balancing loss that `model(...).loss` adds when a config sets
@@ -52,7 +58,6 @@ from torch import nn
 
 from ... import distributed
 from ...arch import MoELayerView, decoder_layers, layer_view, moe_layer_indices
-from ...calib import CalibrationSet
 from ...distributed import all_reduce_sum
 from ...ops.fisher_merge import fisher_merge
 from ...layer_store import InMemoryLayers
@@ -146,11 +151,16 @@ class FisherBases(Mapping):
 
 
 def _scratch_directory(store) -> Path:
-    """The directory for the Fisher pass's files: in the store's work directory when it has one."""
+    """The directory for this rank's Fisher files: in the store's work directory when it has one.
+
+    Every data-parallel rank stores the inputs of ITS calibration shard, and the work directory is
+    shared by the ranks, so each rank has its own sub-directory (one shared one let the ranks
+    overwrite each other's layer inputs: issue 25)."""
     work_dir = getattr(store, "work_dir", None)
     if work_dir is None:
         return Path(tempfile.mkdtemp(prefix="moepress-fisher-"))
-    scratch = Path(work_dir) / SCRATCH
+    name = SCRATCH if not distributed.is_distributed() else f"{SCRATCH}-rank{distributed.rank():03d}"
+    scratch = Path(work_dir) / name
     shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted run: never mixed in
     return scratch
 
@@ -162,11 +172,11 @@ def _final_norm(model: nn.Module) -> nn.Module:
     return norm
 
 
-def _forward_walk(model, store, ids, batches, first_moe: int, inputs: LayerFiles):
-    """Run the original layers over this rank's calibration `batches` (of all `ids`); store each
+def _forward_walk(model, store, batches, first_moe: int, inputs: LayerFiles):
+    """Run the original layers over this rank's calibration `batches` (possibly none); store each
     layer's inputs from `first_moe` on and count routing. Returns (last layer outputs, layer kwargs,
     counts)."""
-    hidden, kwargs = capture_layer_inputs(model, CalibrationSet(ids, "fisher", 0, len(ids)), len(batches[0]))
+    hidden, kwargs = capture_layer_inputs(model, None, 0, batches=batches)
     counts: dict[int, torch.Tensor] = {}
     for i in range(len(decoder_layers(model))):
         layer = store.load_original(i)
@@ -201,10 +211,12 @@ def _output_gradients(model, hidden: list[torch.Tensor], batches: list[torch.Ten
     return grads
 
 
-def _backward_layer(layer, index, inputs: LayerFiles, grads, kwargs, params, pass_down: bool) -> list[torch.Tensor]:
+def _backward_layer(layer, index, inputs: LayerFiles, grads, kwargs, params, pass_down: bool,
+                    precision: torch.dtype) -> list[torch.Tensor]:
     """Back-propagate every batch's output gradient through layer `index` (recomputed from its stored
-    inputs); returns `Σ_b (∂ℓ_b/∂p)²` per parameter and replaces `grads[b]` by `∂ℓ_b/∂input`."""
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    inputs); returns `Σ_b (∂ℓ_b/∂p)²` per parameter in `precision` and replaces `grads[b]` by
+    `∂ℓ_b/∂input`."""
+    acc = [torch.zeros(p.shape, dtype=precision, device=p.device) for p in params]
     device = params[0].device if params else next(layer.parameters()).device
     for b in range(len(grads)):
         x = inputs.read(index, f"batch-{b:06d}").to(device).requires_grad_(pass_down)
@@ -215,7 +227,7 @@ def _backward_layer(layer, index, inputs: LayerFiles, grads, kwargs, params, pas
         out = torch.autograd.grad(y, wrt, grad_outputs=grads[b].to(y.device), allow_unused=True)
         for a, g in zip(acc, out):
             if g is not None:
-                g = g.float()
+                g = g.to(precision)  # a float32 square is exact in float64
                 a.addcmul_(g, g)  # in place: no parameter-sized temporary for the square
         grads[b] = out[-1] if pass_down else None
         del x, y, out
@@ -231,7 +243,8 @@ def _merged_bases(view: MoELayerView, acc: list[torch.Tensor], batches: torch.Te
     return {**bases, "frequency": freq}
 
 
-def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: LayerFiles) -> None:
+def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: LayerFiles,
+                   precision: torch.dtype) -> None:
     first_moe = min(counts)
     for i in range(len(decoder_layers(model)) - 1, first_moe - 1, -1):
         layer = store.load_original(i)
@@ -240,7 +253,8 @@ def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: 
         try:
             for p in params:
                 p.requires_grad_(True)
-            acc = _backward_layer(layer, i, inputs, grads, kwargs, params, pass_down=i > first_moe)
+            acc = _backward_layer(layer, i, inputs, grads, kwargs, params, pass_down=i > first_moe,
+                                  precision=precision)
         finally:
             for p in params:
                 p.requires_grad_(False)
@@ -251,7 +265,20 @@ def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: 
         inputs.remove(i)
 
 
-def fisher_bases(model: nn.Module, ids: torch.Tensor, batch_size: int = 1, store=None) -> FisherBases:
+def _rank_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """This rank's share of the calibration batches: batch b holds sequences `[b·B, (b+1)·B)` of all
+    `ids`, and the ranks take contiguous runs of whole batches (`shard_slice` over the batches).
+
+    ℓ_b is a mean over ITS batch, so Fisher depends on how sequences are grouped: dealing whole
+    batches keeps the grouping of one process on any number of ranks, also when a rank's share of
+    sequences is no multiple of the batch size (a rank may get no batch at all; it still takes part
+    in every all-reduce)."""
+    batches = list(ids.split(batch_size))
+    return batches[distributed.shard_slice(len(batches))]
+
+
+def fisher_bases(model: nn.Module, ids: torch.Tensor, batch_size: int = 1, store=None,
+                 precision: torch.dtype = torch.float64) -> FisherBases:
     """Fisher × frequency merged bases of every MoE layer of the ORIGINAL model, layer by layer.
 
     Args:
@@ -259,6 +286,7 @@ def fisher_bases(model: nn.Module, ids: torch.Tensor, batch_size: int = 1, store
             the meta device when `store` onloads them.
         ids: `[n, L]` calibration token ids.
         batch_size: sequences per loss (the Fisher averages squared gradients of batch losses).
+        precision: dtype of the squared-gradient accumulators (module docstring).
         store: a layer store with `load_original(i) -> layer` and `release(i)` (the pipeline's;
             default: the resident model). Its `work_dir`, if any, holds the scratch files.
     Returns:
@@ -273,16 +301,14 @@ def fisher_bases(model: nn.Module, ids: torch.Tensor, batch_size: int = 1, store
         p.requires_grad_(False)
     inputs = LayerFiles(scratch / "inputs")
     try:
-        # a data-parallel rank's contiguous share, as the pipeline's capture takes it
-        batches = list(ids[distributed.shard_slice(ids.shape[0])].split(batch_size))
-        hidden, kwargs, counts = _forward_walk(model, store, ids, batches, moe[0], inputs)
-        device = hidden[0].device  # the process group's device when data-parallel
-        counts = {i: all_reduce_sum(c.to(device)).cpu() for i, c in counts.items()}
-        total_batches = all_reduce_sum(torch.tensor(float(len(batches)), dtype=torch.float64, device=device)).cpu()
+        batches = _rank_batches(ids, batch_size)
+        hidden, kwargs, counts = _forward_walk(model, store, batches, moe[0], inputs)
+        counts = {i: all_reduce_sum(c).cpu() for i, c in counts.items()}
+        total_batches = all_reduce_sum(torch.tensor(float(len(batches)), dtype=torch.float64)).cpu()
         grads = _output_gradients(model, hidden, batches)
         del hidden
         bases = LayerFiles(scratch / "bases")
-        _backward_walk(model, store, inputs, grads, kwargs, counts, total_batches, bases)
+        _backward_walk(model, store, inputs, grads, kwargs, counts, total_batches, bases, precision)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -68,13 +68,15 @@ class D2MoE(Method):
         cfg, cache = self.config, self.stats_cache
 
         def compute():
-            return fisher_bases(model, ids, cfg.fisher_batch_size, store=store)
+            return fisher_bases(model, ids, cfg.fisher_batch_size, store=store,
+                                precision=getattr(torch, cfg.fisher_precision))
 
         if cache is None:
             return compute()
         device = next(model.get_input_embeddings().parameters()).device
         parts = (stats_cache.weights_digest(model, store), stats_cache.tensor_digest(ids),
-                 cfg.fisher_batch_size, cfg.fisher_chunk_layers, distributed.world_size(), device.type)
+                 cfg.fisher_batch_size, cfg.fisher_chunk_layers, cfg.fisher_precision, distributed.world_size(),
+                 device.type)
         return stats_cache.cached_per_layer(cache, "d2moe_fisher", parts, moe_layer_indices(model), compute,
                                             fisher_module.__file__)
 

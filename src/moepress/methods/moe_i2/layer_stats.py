@@ -6,6 +6,10 @@ calibration tokens. Shared experts are identical on both sides and cancel, so on
 is compared. Where the routing cannot run on |S| experts (DeepSeek group-limited routing needs
 the count divisible by `n_group`), the removed experts' weighted outputs are dropped from the
 original routing instead (no re-routing) — an upper-bound proxy used only for such counts.
+
+Data parallel: both are sums over tokens. Each rank holds its own tokens (possibly none of the first
+`max_tokens`), and every loss, energy and Gram is summed over ranks by `reduce`
+(`LayerStatistics.reduce`) before it is compared, so all ranks walk the same search.
 """
 
 from __future__ import annotations
@@ -15,17 +19,26 @@ import torch
 from ...arch import MoELayerView, validate_expert_count
 
 
-class SubsetLoss:
-    """Squared error of the routed output when only `subset` experts are kept, on tokens `x [T, H]`."""
+def _identity(value):
+    return value
 
-    def __init__(self, view: MoELayerView, x: torch.Tensor):
-        self.view, self.x = view, x
+
+class SubsetLoss:
+    """Squared error of the routed output when only `subset` experts are kept, on tokens `x [T, H]`
+    (this rank's; `T` may be 0), summed over data-parallel ranks by `reduce`."""
+
+    def __init__(self, view: MoELayerView, x: torch.Tensor, reduce=_identity):
+        self.view, self.x, self.reduce = view, x, reduce
+        self.empty = x.shape[0] == 0
+        if self.empty:  # this rank holds none of the tokens: it only takes part in the sums
+            self.energy = float(reduce(0.0))
+            return
         with torch.no_grad():
             self.outputs = torch.stack([view.expert(j, x) for j in range(view.num_experts)])  # [E, T, H]
             routing = view.route(x)
             self.full = view.routed_output(x, routing).double()
         self.weights, self.index = routing.weights, routing.index
-        self.energy = float(self.full.pow(2).sum())
+        self.energy = float(reduce(float(self.full.pow(2).sum())))
         self.tokens = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
 
     def routable(self, count: int) -> bool:
@@ -36,7 +49,12 @@ class SubsetLoss:
             return False
 
     def squared_error(self, subset: list[int]) -> float:
-        """`Σ_x ‖MoE(x) − MoE_S(x)‖²` (the subset must hold at least top-k experts)."""
+        """`Σ_x ‖MoE(x) − MoE_S(x)‖²` over every rank's tokens (the subset must hold at least top-k experts)."""
+        return float(self.reduce(self._local_squared_error(subset)))
+
+    def _local_squared_error(self, subset: list[int]) -> float:
+        if self.empty:
+            return 0.0
         with torch.no_grad():
             if self.routable(len(subset)):
                 _, weights, index = self.view.subset_router(subset)(self.x)
@@ -84,9 +102,10 @@ def removal_importance(model, views: list[MoELayerView], id_batches, max_tokens:
     return {i: num[i] / max(den[i], 1e-300) for i in num}
 
 
-def routed_grams(view: MoELayerView, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def routed_grams(view: MoELayerView, batches: list[torch.Tensor], reduce=_identity) -> dict[str, torch.Tensor]:
     """Per expert of `view`, over the tokens its router sends it: `Σ x xᵀ` ("input" `[E, H, H]`) and
-    `Σ h hᵀ` of its intermediate activation ("intermediate" `[E, I, I]`), float64 on CPU."""
+    `Σ h hᵀ` of its intermediate activation ("intermediate" `[E, I, I]`), float64 on CPU, summed over
+    data-parallel ranks by `reduce`."""
     e, h, i = view.num_experts, view.hidden_size, view.intermediate_size
     gram_in = torch.zeros(e, h, h, dtype=torch.float64)
     gram_mid = torch.zeros(e, i, i, dtype=torch.float64)
@@ -98,4 +117,4 @@ def routed_grams(view: MoELayerView, batches: list[torch.Tensor]) -> dict[str, t
                 gram_in[j] += (xj.double().T @ xj.double()).cpu()
                 hj = view.intermediate(j, xj).double()
                 gram_mid[j] += (hj.T @ hj).cpu()
-    return {"input": gram_in, "intermediate": gram_mid}
+    return reduce({"input": gram_in, "intermediate": gram_mid})

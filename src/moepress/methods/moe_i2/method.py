@@ -122,9 +122,10 @@ class MoEI2(Method):
         budget = layer_rank_budget(h, i, len(keep), keep_fraction, bias)
         return proportional_ranks(weights, budget, cap), (importance.tolist() if use else None)
 
-    def decompose(self, pruned: MoELayerView, batches, ranks: list[int]) -> tuple[dict, dict]:
-        """Whitened SVD factors `{proj: [(U, V)] per expert}` and each projection's relative error."""
-        grams = routed_grams(pruned, batches)
+    def decompose(self, pruned: MoELayerView, batches, ranks: list[int], reduce=None) -> tuple[dict, dict]:
+        """Whitened SVD factors `{proj: [(U, V)] per expert}` and each projection's relative error
+        (Grams summed over data-parallel ranks by `reduce`)."""
+        grams = routed_grams(pruned, batches) if reduce is None else routed_grams(pruned, batches, reduce)
         factors, errors = {p: [] for p in PROJECTIONS}, {}
         for p in PROJECTIONS:
             weights = getattr(pruned, f"{p}_proj").detach()
@@ -149,18 +150,21 @@ class MoEI2(Method):
                                       "routed_parameters_after": dense, "achieved_ratio": 0.0})
         m, keep_fraction = self.plan(view)
         with torch.no_grad():
-            loss = SubsetLoss(view, torch.cat(ctx.stats.batches)[: cfg.max_tokens])
+            stats = ctx.stats  # data parallel: this rank's tokens among the first max_tokens (as NAEE)
+            local = max(0, min(stats.local_tokens, cfg.max_tokens - stats.token_offset))
+            x = torch.cat(stats.batches)[:local] if stats.batches else torch.zeros(0, view.hidden_size)
+            loss = SubsetLoss(view, x, stats.reduce)
             keep, search = self.choose_experts(view, loss, m)
             ranks, importance = self.expert_ranks(view, loss, keep, keep_fraction)
             stock = view.select(keep)
             pruned = MoELayerView(stock, view.spec, view.config, view.layer_index)
-            factors, errors = self.decompose(pruned, ctx.stats.batches, ranks)
+            factors, errors = self.decompose(pruned, stats.batches, ranks, stats.reduce)
             block = LowRankMoeBlock(stock, view.config, num_experts=m, intermediate=view.intermediate_size,
                                     ranks={p: ranks for p in PROJECTIONS})
             biases = None if pruned.gate_bias is None else {
                 p: getattr(pruned, f"{p}_bias").detach() for p in PROJECTIONS}
             block.set_factors(factors, biases)
-            error = layer_relative_error(view, block, ctx.stats.batches)
+            error = layer_relative_error(view, block, stats.batches, stats.reduce)
         stored = block.moepress_parameter_counts()[0]
         record = {"experts": m, "num_experts": view.num_experts, "kept": keep, **search, "ranks": ranks,
                   "stage2_keep_fraction": round(keep_fraction, 6), "expert_importance": importance,
