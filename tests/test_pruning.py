@@ -267,3 +267,43 @@ def test_reap_scores_carry_no_autograd_graph(renormalize):
         assert not scores.requires_grad and scores.grad_fn is None
         assert not stats["reap"].requires_grad
         method.choose(LayerContext(view, stats, 0, 1, model), 4)
+
+
+@torch.no_grad()
+def _direct_subset_loss(view, x, subset):
+    """`Σ_x ||MoE(x) − MoE_S(x)||²` by running the restricted routing and the experts (the definition)."""
+    full = view.routed_output(x, view.route(x)).double()
+    try:
+        from moepress.arch import validate_expert_count
+        validate_expert_count(view.config, len(subset))
+        _, weights, index = view.subset_router(subset)(x)
+        experts = torch.as_tensor(subset)[index]
+    except ValueError:  # group-limited routing cannot run on this count: the original routing, masked
+        routing = view.route(x)
+        mask = torch.zeros(view.num_experts, dtype=torch.bool)
+        mask[subset] = True
+        weights, experts = routing.weights * mask[routing.index], routing.index
+    approx = torch.zeros_like(full)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t], experts[t]):
+            approx[t] += float(w) * view.expert(int(e), x[t: t + 1])[0].double()
+    return float((full - approx).pow(2).sum())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_subset_loss_from_products_equals_the_direct_sum(family):
+    """The expanded square over per-token products (methods/subset_loss.py) is the loss itself, also
+    across token chunks and for a count DeepSeek-V3's group routing refuses (the masked proxy)."""
+    from moepress.methods import subset_loss
+
+    view = moe_layer_views(tiny_model(family, num_layers=1))[0]
+    x = torch.randn(20, view.hidden_size, generator=torch.Generator().manual_seed(0))
+    loss = subset_loss.SubsetLoss(view, x, chunk_tokens=7)  # several chunks of a 20-token set
+    n = view.num_experts
+    for subset in ([*range(n)], [*range(1, n)], [0, 2, 3, 5][: max(view.top_k, n - 3)], [*range(n - 3)]):
+        direct = _direct_subset_loss(view, x, subset)
+        assert loss.squared_error(subset) == pytest.approx(direct, rel=1e-5, abs=1e-9 * loss.energy), subset
+    assert loss.squared_error([*range(n)]) <= 1e-9 * loss.energy
+    with torch.no_grad():
+        energy = float(view.routed_output(x, view.route(x)).double().pow(2).sum())
+    assert loss.energy == pytest.approx(energy, rel=1e-6)

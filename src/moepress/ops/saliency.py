@@ -44,6 +44,35 @@ def lowest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(order[:count])
 
 
+def output_products(outputs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token the inner products a subset's reconstruction error is made of, float64.
+
+    Args: outputs `[E, T, H]` (every expert's output on every token), full `[T, H]` (the layer's
+    routed output). Returns `(products [T, E] = <full_t, E_e(x_t)>, pair_grams [T, E, E] =
+    <E_e(x_t), E_f(x_t)>)`: with them `subset_squared_error` needs no `[T, k, H]` gather per subset.
+    """
+    o = outputs.double()
+    return torch.einsum("eth,th->te", o, full.double()), torch.einsum("eth,fth->tef", o, o)
+
+
+def subset_squared_error(energy: float, products: torch.Tensor, pair_grams: torch.Tensor,
+                         weights: torch.Tensor, experts: torch.Tensor) -> float:
+    """`Σ_t ‖f_t − Σ_k w_tk E_{e_tk}(x_t)‖²` from `output_products` (the expanded square, float64).
+
+    Args: energy `Σ_t ‖f_t‖²`; products `[T, E]`, pair_grams `[T, E, E]`; weights and experts
+    `[T, k]`: each token's gate values and the (original) indices of the experts they weight.
+    `‖f‖² − 2 Σ_k w_k <f, E_k> + Σ_kl w_k w_l <E_k, E_l>` per token; equal to the direct sum up to
+    float64 rounding of the expansion (~1e-16 of `energy`), clamped at 0.
+    """
+    t, e = pair_grams.shape[:2]
+    k = experts.shape[1]
+    w = weights.double()
+    cross = (w * products.gather(1, experts)).sum()
+    pairs = pair_grams.reshape(t, e * e).gather(1, (experts[:, :, None] * e + experts[:, None, :]).reshape(t, k * k))
+    quadratic = (pairs * (w[:, :, None] * w[:, None, :]).reshape(t, k * k)).sum()  # one 2-D gather: 3x faster
+    return max(float(energy - 2.0 * cross + quadratic), 0.0)
+
+
 def naee_search(num_experts: int, keep: int, loss: Callable[[list[int]], float],
                 max_subsets: int = 5000) -> tuple[list[int], str, int]:
     """NAEE (Lu et al. 2024, §3.1): the kept subset minimising the layer reconstruction loss.

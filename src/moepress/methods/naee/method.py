@@ -4,6 +4,7 @@ import torch
 
 from ...ops.saliency import naee_search
 from ..base import LayerContext
+from ..subset_loss import SubsetLoss
 from ..pruning import PruningMethod
 from .config import NaeeConfig
 
@@ -16,7 +17,8 @@ class NaeePruning(PruningMethod):
     exported checkpoint). Shared experts are identical on both sides and cancel.
 
     Deviation (stated): the loss uses the first `max_tokens` calibration tokens of the layer
-    (the paper uses all of them) so that all experts' outputs fit in memory; and above
+    (the paper uses all of them) so that every expert's products with the others on them fit in
+    memory (methods/subset_loss.py: `[T, E, E]` float64 per layer); and above
     `max_subsets` subsets the search is greedy backward elimination, recorded as `search`.
 
     Data parallel: the loss is a sum over tokens, so each rank scores every candidate on its own
@@ -32,13 +34,9 @@ class NaeePruning(PruningMethod):
     def choose(self, ctx: LayerContext, m: int) -> tuple[list[int], dict]:
         view, stats = ctx.view, ctx.stats
         local = max(0, min(stats.local_tokens, self.config.max_tokens - stats.token_offset))
-        x = torch.cat(stats.batches)[:local] if local else None
+        x = torch.cat(stats.batches)[:local] if local else torch.zeros(0, view.hidden_size)
         with torch.no_grad():
-            local_loss = _subset_loss(view, x) if x is not None else lambda subset: 0.0
-
-            def loss(subset: list[int]) -> float:
-                return stats.reduce(local_loss(subset))
-
+            loss = SubsetLoss(view, x, stats.reduce).squared_error  # summed over data-parallel ranks
             keep, search, evaluations = naee_search(view.num_experts, m, loss, self.config.max_subsets)
             best = loss(keep)
         return keep, {"search": search, "subsets_evaluated": evaluations, "loss": best,
@@ -46,15 +44,5 @@ class NaeePruning(PruningMethod):
 
 
 def _subset_loss(view, x: torch.Tensor):
-    """`loss(subset) = Σ_x ||MoE(x) − MoE_S(x)||²` over the tokens `x` (all experts' outputs held once)."""
-    outputs = torch.stack([view.expert(j, x) for j in range(view.num_experts)])  # [E, T, H]
-    full = view.routed_output(x, view.route(x)).double()
-    tokens = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-
-    def loss(subset: list[int]) -> float:
-        _, weights, index = view.subset_router(subset)(x)
-        chosen = outputs[torch.as_tensor(subset, device=index.device)[index], tokens]  # [T, k, H]
-        approx = (weights.unsqueeze(-1).to(chosen.dtype) * chosen).sum(1).double()
-        return float(((full - approx) ** 2).sum())
-
-    return loss
+    """`loss(subset) = Σ_x ||MoE(x) − MoE_S(x)||²` over this process's tokens `x` (methods/subset_loss.py)."""
+    return SubsetLoss(view, x).local_squared_error
