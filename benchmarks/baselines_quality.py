@@ -12,24 +12,22 @@ dense storage is unchanged without a sparse format). A method may carry options 
 Printed per row: stored routed parameters, held-out perplexity (geometric mean over the zoo's
 held-out domains, the first --eval-chars characters of each), next-chunk multiple-choice accuracy
 and compression seconds; --verbose adds HC-SMoE cluster sizes and MoE-I² expert counts per layer.
+`--quick`: ratio 0.5, the default rows (2:4 included) and HC-SMoE, --verbose, on a tiny random Mixtral, 4 x 64 calibration
+tokens, 1000 characters of each held-out text (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from _common import evaluate, heldout_files, print_provenance, quick, quick_model  # the merging table's evaluation
 
 import moepress
 from moepress.methods import available_methods
 from moepress.zoo import reference_model_path
-
-sys.path.insert(0, str(Path(__file__).parent))
-from merging_quality import evaluate, heldout_files  # noqa: E402  (same evaluation as the merging table)
 
 DEFAULT_METHODS = "moe_pruner,moe_pruner:pattern=2:4,moe_i2,reap,frequency,d2moe"
 
@@ -78,7 +76,13 @@ def main() -> None:
     parser.add_argument("--mc-per-domain", type=int, default=16)
     parser.add_argument("--eval-chars", type=int, default=20000, help="characters of each held-out text (0 = all)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, calibration and evaluation (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, ratios="0.5", methods=DEFAULT_METHODS + ",hcsmoe", samples=4, seq_len=64, eval_seq_len=64,
+          mc_per_domain=1, eval_chars=1000, verbose=True)
+    if args.quick and args.path is None:
+        args.model, args.path = "tiny random mixtral", str(quick_model())
     args.heldout = heldout_files(args.eval_chars)
     torch.set_num_threads(1)
 

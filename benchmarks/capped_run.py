@@ -30,6 +30,10 @@ interpreter and libraries (~0.5 GiB), about 5.1 GiB whatever the depth; the bflo
 under a cap below the checkpoint's size would be thin.
 
 The synthetic files are deleted at the end unless `--keep` (or `--root DIR` to put them somewhere).
+
+`--quick`: the same steps on a tiny Qwen3-MoE of that family (2 layers, hidden 64, 8 experts of 32,
+top-2, vocab 4096) under a 4 GiB cap (a tiny checkpoint is smaller than the interpreter itself, so
+the cap is not below it), 4 x 32 calibration tokens: a smoke run of the watchdog, CLI and reload.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ import threading
 import time
 from pathlib import Path
 
+from _common import print_provenance, quick
+
 REPO = Path(__file__).resolve().parents[1]
+QUICK_CONFIG = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                    num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=0,
+                    eos_token_id=0)
 
 # The child: the moepress CLI itself, with its own high-water mark written at exit.
 CHILD = r"""
@@ -177,7 +186,10 @@ def main() -> None:
     ap.add_argument("--opt", action="append", default=[], help="METHOD:NAME=VALUE, passed as --opt to that method")
     ap.add_argument("--root", type=Path, default=None, help="directory for the checkpoint and outputs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the outputs")
+    ap.add_argument("--quick", action="store_true", help="a tiny Qwen3-MoE under a 4 GiB cap (smoke run)")
     args = ap.parse_args()
+    print_provenance()
+    quick(ap, args, layers=2, samples=4, seq_len=32, cap_gb=4.0)
 
     import torch
 
@@ -185,13 +197,14 @@ def main() -> None:
 
     root = args.root or Path(tempfile.mkdtemp(prefix="moepress-capped-"))
     root.mkdir(parents=True, exist_ok=True)
-    ckpt = root / f"qwen3-30b-a3b-{args.layers}l"
+    ckpt = root / f"qwen3-{'tiny' if args.quick else '30b-a3b'}-{args.layers}l"
     try:
         if ckpt.exists():
             print(f"reusing {ckpt}")
         else:
             t = time.perf_counter()
-            write_synthetic_checkpoint(qwen3_30b_a3b_config(args.layers), ckpt, dtype=torch.bfloat16, std=0.02,
+            config = qwen3_30b_a3b_config(args.layers, **(QUICK_CONFIG if args.quick else {}))
+            write_synthetic_checkpoint(config, ckpt, dtype=torch.bfloat16, std=0.02,
                                        tokenizer_from=REPO / "src/moepress/zoo/assets/mixtral-ref")
             hwm = int(dict(l.split(":", 1) for l in open("/proc/self/status"))["VmHWM"].split()[0]) * 1024
             print(f"wrote {ckpt} in {time.perf_counter() - t:.1f} s (writer process peak RSS {gib(hwm)})")

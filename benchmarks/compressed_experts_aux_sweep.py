@@ -10,19 +10,20 @@ zoo's six domains (the windows of `compressed_experts_quality.py`) is printed be
 parameters per token. The stock model routed to top-1 ... top-k is the frontier to beat: a point
 below that curve is a better use of the same compute than more full experts. Printed per row:
 "recovered" = share of the stock top-k_main -> top-k perplexity gap closed. `--plot` draws both.
+`--quick`: a tiny random Mixtral (top-2), k_main 1, widths 0 and 2, 4 x 32 calibration tokens, held-out
+windows of the shipped texts (the built corpus is not needed); a smoke run: plumbing, not quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compressed_experts_quality import heldout_quality, load_reference, stock_top, windows, with_fitted_auxiliary  # noqa: E402
+from _common import (builtin_streams, heldout_quality, load_reference, print_provenance, quick, quick_model, stock_top,
+                     windows, with_fitted_auxiliary)
 
-from moepress.arch import parameter_counts  # noqa: E402
+from moepress.arch import parameter_counts
 
 
 def main() -> None:
@@ -35,12 +36,16 @@ def main() -> None:
     ap.add_argument("--heldout-per-domain", type=int, default=24)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny random model and sizes (smoke run)")
     args = ap.parse_args()
+    print_provenance()
+    quick(ap, args, k_main=[1], widths=[0, 2], samples=4, seq_len=32, heldout_per_domain=2)
     from moepress.zoo.train import token_streams
 
-    base, tok, path = load_reference(args.model)
+    base, tok, path = load_reference(str(quick_model()) if args.quick else args.model)
     k = base.config.num_experts_per_tok
-    held = windows(token_streams("heldout", tok), args.seq_len, args.heldout_per_domain, seed=2)
+    streams = builtin_streams(tok, "heldout") if args.quick else token_streams("heldout", tok)
+    held = windows(streams, args.seq_len, args.heldout_per_domain, seed=2)
     print(f"model {path}: top-{k}; held-out {held.shape[0]} windows; mini-experts fitted on "
           f"{args.samples} x {args.seq_len} calibration tokens, no fine-tuning", flush=True)
     stock = {}

@@ -30,6 +30,10 @@ leaves the vectors where they started; the option shows what the vectors can do 
 Speed (same run, same process, best of --reps): prefill tokens/s (batch 4 x 256) and decode
 tokens/s (batch 8, 32 new tokens, KV cache) for the stock top-k model, the stock top-k/2 model (both
 with transformers' default grouped expert kernel) and the CE model.
+
+`--quick`: a tiny random Mixtral (top-2: 1 main + 1 compressed), every variant (--aux-width 2,
+--matched) on 8 windows of 32 tokens from the shipped texts (the built corpus is not needed), one
+epoch, speed at batch 2 x 32 / 2 x 4 new tokens (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
@@ -37,68 +41,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 
 import numpy as np
 import torch
-import transformers
+from _common import (builtin_streams, heldout_quality, load_reference, print_provenance, quick, quick_model, speed,
+                     stock_top, windows, with_compressed_experts, with_fitted_auxiliary)
 
-from moepress.arch import moe_layer_views, parameter_counts, set_moe_block
+from moepress.arch import parameter_counts
 from moepress.methods.compressed_experts.finetune import FinetuneConfig, finetune
-from moepress.modeling.moepress_compressed import CompressedExpertsBlock
-
-
-def load_reference(name_or_path: str):
-    from pathlib import Path
-
-    from moepress import zoo
-
-    path = Path(name_or_path) if Path(name_or_path).exists() else zoo.reference_model_path(name_or_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(str(path)), path
-
-
-def windows(streams: dict[str, np.ndarray], seq_len: int, per_domain: int, seed: int) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name in sorted(streams):
-        s = streams[name]
-        if len(s) <= seq_len + 1:
-            continue
-        for start in rng.integers(0, len(s) - seq_len, per_domain):
-            rows.append(s[start: start + seq_len].astype(np.int64))
-    return torch.from_numpy(np.stack(rows))
-
-
-@torch.no_grad()
-def heldout_quality(model, ids: torch.Tensor, batch: int = 8) -> tuple[float, float]:
-    nll = correct = count = 0.0
-    for i in range(0, ids.shape[0], batch):
-        x = ids[i: i + batch]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = x[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        count += target.numel()
-    return float(np.exp(nll / count)), correct / count
-
-
-def with_compressed_experts(model, k_main: int, aux_width: int | None = None):
-    """CE blocks with vectors at one (and zero mini-experts of width `aux_width`: timing only)."""
-    model = copy.deepcopy(model)
-    for view in moe_layer_views(model):
-        block = CompressedExpertsBlock(view.block, model.config, k_main=k_main, aux_width=aux_width)
-        set_moe_block(model, view.layer_index, block)
-    return model
-
-
-def with_fitted_auxiliary(path, k_main: int, width: int, samples: int, seq_len: int):
-    """CE with width-`width` auxiliary mini-experts fitted by `moepress.compress` (built-in calibration text)."""
-    import moepress
-
-    result = moepress.compress(str(path), "compressed_experts", k_main=k_main, aux_width=width, samples=samples,
-                               seq_len=seq_len, seed=0, offload=False, stats_cache=False, dtype="float32")
-    return result.model.float().eval()
 
 
 def fitted_auxiliary(args, width: int):
@@ -108,40 +58,13 @@ def fitted_auxiliary(args, width: int):
     return args.fitted[width]
 
 
-def stock_top(model, k: int):
-    """The stock model routing each token to its top-`k` experts (the paper's Top-k/2 baseline)."""
-    model = copy.deepcopy(model)
-    model.config.num_experts_per_tok = k
-    for view in moe_layer_views(model):
-        view.router.top_k = k
-    return model
-
-
-@torch.no_grad()
-def speed(models: dict, vocab: int, reps: int) -> dict[str, tuple[float, float]]:
-    """{name: (prefill tok/s at batch 4 x 256, decode tok/s at batch 8 x 32 new)}, best of `reps`,
-    the models interleaved within each repetition so machine load hits them alike."""
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(2, vocab, (4, 256), generator=g)
-    short = torch.randint(2, vocab, (8, 32), generator=g)
-    best = {name: [float("inf"), float("inf")] for name in models}
-    for _ in range(reps):
-        for name, model in models.items():
-            t = time.perf_counter()
-            model(input_ids=prompt, use_cache=False)
-            best[name][0] = min(best[name][0], time.perf_counter() - t)
-            t = time.perf_counter()
-            model.generate(short, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-            best[name][1] = min(best[name][1], time.perf_counter() - t)
-    return {name: (prompt.numel() / p, short.shape[0] * 32 / d) for name, (p, d) in best.items()}
-
-
 def quality(base, args, k: int) -> list[dict]:
     from moepress.zoo.train import token_streams
 
     tok = args.tokenizer
-    train_ids = windows(token_streams("train", tok), args.seq_len, args.sequences // 5 + 1, seed=1)[: args.sequences]
-    held_ids = windows(token_streams("heldout", tok), args.seq_len, args.heldout_per_domain, seed=2)
+    streams = (lambda split: builtin_streams(tok, split)) if args.quick else (lambda split: token_streams(split, tok))
+    train_ids = windows(streams("train"), args.seq_len, args.sequences // 5 + 1, seed=1)[: args.sequences]
+    held_ids = windows(streams("heldout"), args.seq_len, args.heldout_per_domain, seed=2)
     print(f"top-k={k}, k_main={args.k_main}; {'distilled, ' if args.distill else ''}recipe paper: {args.epochs} epochs x {train_ids.shape[0]} windows of "
           f"{args.seq_len} tokens, batch 8, lr {args.lr}, vectors lr {args.vectors_lr or args.lr}; "
           f"held-out {held_ids.shape[0]} windows", flush=True)
@@ -201,8 +124,12 @@ def main():
                     help="every variant learns the original top-k model's logits (KL) instead of the next token")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny random model, every variant, tiny sizes (smoke run)")
     args = ap.parse_args()
-    base, args.tokenizer, path = load_reference(args.model)
+    print_provenance()
+    quick(ap, args, sequences=8, seq_len=32, epochs=1.0, heldout_per_domain=2, aux_width=[2], calib_samples=4,
+          matched=True, reps=1)
+    base, args.tokenizer, path = load_reference(str(quick_model()) if args.quick else args.model)
     args.path, args.fitted = path, {}
     k = base.config.num_experts_per_tok
     args.k_main = args.k_main or k // 2
@@ -216,7 +143,8 @@ def main():
         timed[f"CE+aux{width}"] = fitted_auxiliary(args, width)
     if args.matched:
         timed[f"stock top-{args.k_main + 1}"] = stock_top(base, args.k_main + 1)
-    report["speed"] = speed(timed, base.config.vocab_size, args.reps)
+    sizes = {"prefill": (2, 32), "decode": (2, 4)} if args.quick else {}
+    report["speed"] = speed(timed, base.config.vocab_size, args.reps, **sizes)
     for name, (p, d) in report["speed"].items():
         print(f"{name:14s} prefill {p:9.0f} tok/s   decode {d:8.1f} tok/s", flush=True)
     if args.json:

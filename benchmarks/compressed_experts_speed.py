@@ -12,19 +12,17 @@ tokens/s (batch 8, 32 new tokens, KV cache), and CE's speed-up over top-k. The r
 (hidden 128) are too narrow for this: there the block's routing bookkeeping outweighs the experts
 it saves (README). `--aux-width R[,R2..]` adds CE with width-R auxiliary mini-experts (the
 `aux_width` option of the method) and `--k-main` sets the main experts (default k/2).
+`--quick`: hidden 64, 8 experts of width 32, top-4, one layer, --aux-width 2, one repetition at
+batch 2 x 32 (prefill) and 2 x 4 new tokens (decode): a smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).parent))
-from compressed_experts_quality import speed, stock_top, with_compressed_experts  # noqa: E402
+from _common import print_provenance, quick, speed, stock_top, with_compressed_experts
 
 
 def main() -> None:
@@ -37,7 +35,10 @@ def main() -> None:
     ap.add_argument("--aux-width", type=lambda v: [int(w) for w in v.split(",")], default=[])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke run)")
     args = ap.parse_args()
+    print_provenance()
+    quick(ap, args, hidden=64, intermediate=32, experts=8, top_k=4, aux_width=[2], layers=1, reps=1)
     h, k = args.hidden, args.top_k
     config = transformers.Qwen3MoeConfig(
         vocab_size=4096, hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
@@ -52,7 +53,8 @@ def main() -> None:
         models[f"{ce} aux{width}"] = with_compressed_experts(model, km, aux_width=width)
     print(f"hidden {h}, {args.experts} experts of width {args.intermediate}, top-{k}, {args.layers} layers; "
           f"threads {torch.get_num_threads()}")
-    figures = speed(models, config.vocab_size, args.reps)
+    sizes = {"prefill": (2, 32), "decode": (2, 4)} if args.quick else {}
+    figures = speed(models, config.vocab_size, args.reps, **sizes)
     for name, (prefill, decode) in figures.items():
         print(f"{name:>16}  prefill {prefill:9.0f} tok/s  decode {decode:8.1f} tok/s")
     base_p, base_d = figures[f"stock top-{k}"]

@@ -10,6 +10,8 @@ accuracy. The paper (Table 2) reports D²-MoE ahead of NAEE at 40–60% on Mixtr
 
 Model: `moepress.zoo.reference_model_path(name)` (trained reference MoE). Calibration: the zoo's
 built-in calibration text, --samples sequences of --seq-len tokens, the same for every method.
+`--quick`: ratio 0.4 on a tiny random Mixtral, 4 x 64 calibration tokens, evaluation windows of 64
+tokens, 1000 characters of each held-out text (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
+from _common import heldout_files, print_provenance, quick, quick_model
 
 import moepress
 from moepress.arch import parameter_counts
@@ -29,12 +33,17 @@ COMPETITORS = ("naee", "reap", "mergemoe")
 
 
 def evaluate(model, tokenizer, args) -> dict:
-    report = moepress.evaluate(model, tokenizer=tokenizer, ppl=[f"heldout:{d}" for d in builtin_domains()],
+    report = moepress.evaluate(model, tokenizer=tokenizer, ppl=args.heldout,
                                tasks=["next_chunk"], seq_len=args.eval_seq_len, mc_per_domain=args.mc_per_domain)
-    ppl = {k.split(":", 1)[1]: v for k, v in report.metrics.items() if k.startswith("ppl/")}
+    ppl = {_domain(k.split("/", 1)[1]): v for k, v in report.metrics.items() if k.startswith("ppl/")}
     routed = parameter_counts(model)["routed_experts"]
     return {"ppl": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)), "per_domain": ppl,
             "acc": report.metrics["next_chunk/acc"], "routed": routed}
+
+
+def _domain(source: str) -> str:
+    """`heldout:code` (a whole shipped text) or `/tmp/.../code.txt` (its first --eval-chars) -> `code`."""
+    return source.split(":", 1)[1] if source.startswith("heldout:") else Path(source).stem
 
 
 def run(method: str, path, args, **kwargs) -> tuple[dict, float]:
@@ -54,11 +63,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--mc-per-domain", type=int, default=32)
+    parser.add_argument("--eval-chars", type=int, default=0, help="characters of each held-out text (0 = all)")
     parser.add_argument("--base-prune", type=float, default=0.1)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--methods", default="d2moe," + ",".join(COMPETITORS), help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids contention on a shared CPU)")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, calibration and evaluation (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, ratios="0.4", samples=4, seq_len=64, eval_seq_len=64, mc_per_domain=1, eval_chars=1000,
+          verbose=True)
+    args.heldout = heldout_files(args.eval_chars) if args.eval_chars else [f"heldout:{d}" for d in builtin_domains()]
+    if args.quick and args.path is None:
+        args.model, args.path = "tiny random mixtral", str(quick_model())
     torch.set_num_threads(args.threads)
 
     path = args.path or reference_model_path(args.model)

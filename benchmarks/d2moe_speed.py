@@ -5,7 +5,8 @@
 The original runs with transformers' default experts implementation; the D²-MoE model runs the
 delta block (base once per token, low-rank deltas per expert). Variants: the default (10% base
 pruning, half static / half dynamic) and no base pruning. Measured with
-`moepress.eval.measure.throughput` (best of --repeats after a warm-up).
+`moepress.eval.measure.throughput` (best of --repeats after a warm-up). `--quick`: a tiny random
+Mixtral, 4 calibration sequences, prompt 16, 4 new tokens, one repeat (a smoke run).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 
 import torch
 import transformers
+from _common import print_provenance, quick, quick_model
 
 import moepress
 from moepress.arch import parameter_counts
@@ -41,7 +43,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids contention on a shared CPU)")
+    parser.add_argument("--quick", action="store_true", help="tiny random model and sizes (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, samples=4, prompt_len=16, new_tokens=4, repeats=1)
+    if args.quick and args.path is None:
+        args.model, args.path = "tiny random mixtral", str(quick_model())
     torch.set_num_threads(args.threads)
 
     path = args.path or reference_model_path(args.model)
@@ -49,7 +56,8 @@ def main() -> None:
     original = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     rows = [("original", original)]
     for label, prune in (("d2moe", 0.1), ("d2moe pp=0", 0.0)):
-        result = moepress.compress(str(path), "d2moe", args.ratio, samples=args.samples, seq_len=256, base_prune=prune)
+        result = moepress.compress(str(path), "d2moe", args.ratio, samples=args.samples, seq_len=256, base_prune=prune,
+                                   offload=False)  # measured in memory (offloaded layers would stay on disk)
         rows.append((f"{label} {args.ratio:.0%}", result.model))
     print(f"model {args.path or args.model}; device {args.device}; threads {torch.get_num_threads()}; batch {args.batch_size}; "
           f"prompt {args.prompt_len}; decode {args.new_tokens} tokens; best of {args.repeats}")

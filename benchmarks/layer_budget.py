@@ -12,24 +12,23 @@ benchmarks/merging_quality.py) and their geometric mean, next-chunk accuracy, th
 error of the layer outputs on the calibration tokens (merging methods record it), the predicted
 objective Σ_i e_i(m_i) (sensitivity curves of the ORIGINAL model) and the seconds.
 The auto row also prints each layer's sensitivity curve, so a loss of `auto` can be traced.
+`--quick`: the same rows on a tiny random Mixtral, 4 x 64 calibration tokens, 1000 characters of
+each held-out text (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _common import evaluate, heldout_files, print_provenance, quick, quick_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import moepress  # noqa: E402
-from merging_quality import evaluate, heldout_files  # noqa: E402
-from moepress.zoo import builtin_domains, reference_model_path  # noqa: E402
+import moepress
+from moepress.zoo import builtin_domains, reference_model_path
 
 
 def run(path, method: str, budget: str, args) -> dict:
@@ -62,7 +61,12 @@ def main() -> None:
     parser.add_argument("--mc-per-domain", type=int, default=32)
     parser.add_argument("--eval-chars", type=int, default=20000, help="characters of each held-out text (0 = all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, calibration and evaluation (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, samples=4, seq_len=64, eval_seq_len=64, mc_per_domain=1, eval_chars=1000)
+    if args.quick and args.path is None:
+        args.model, args.path = "tiny random mixtral", str(quick_model())
     args.heldout = heldout_files(args.eval_chars)
     domains = builtin_domains()
     path = args.path or reference_model_path(args.model)

@@ -3,47 +3,43 @@
     .venv/bin/python benchmarks/mergemoe_layer_time.py [--tokens 4096] [--hidden 4096] [--intermediate 14336]
 
 One Mixtral MoE block (8 experts, top-2; random N(0, 0.02) weights, fp32) is merged 8 -> 4 with the
-default MergeMoE config on `--tokens` random calibration tokens. Stages are timed by wrapping the
-functions MergeMoE calls (one run, no repetition). The fp32 GEMM throughput of this machine is
-measured first (square matmuls of --gemm-size); the fit stage's FLOPs are counted from the routed
-token counts: per cluster, merged gate+up (4·t·H·I) and each member's gate+up+down (6·t·H·I).
+default MergeMoE config on `--tokens` random calibration tokens. Stages are the functions MergeMoE
+calls, timed from outside by `_common.CallTimer` (observed, not patched; one run, no repetition).
+The fp32 GEMM throughput of this machine is measured first (square matmuls of --gemm-size); the
+fit stage's FLOPs are counted from the routed token counts: per cluster, merged gate+up (4·t·H·I)
+and each member's gate+up+down (6·t·H·I).
 Memory: ~6 GB for the experts + ~3 GB for the merged block; ~minutes of CPU.
+
+`--quick`: H 128, I 448, 512 tokens in batches of 128, GEMM peak at 256 (every stage, seconds).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import resource
 import time
 import warnings
 
 import torch
 import transformers
+from _common import CallTimer, print_provenance, quick
 
 from moepress.arch import FAMILIES, MoELayerView
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import LayerContext, build_method
 from moepress.methods import merging_common
-from moepress.methods.mergemoe import method as mergemoe_module
+from moepress.methods.mergemoe import method as mergemoe_method
 from moepress.ops import least_squares
 
-TIMES: dict[str, float] = {}
-
-
-def timed(module, name: str, label: str) -> None:
-    """Replace `module.name` by a wrapper that adds its wall time to TIMES[label]."""
-    fn = getattr(module, name)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            TIMES[label] = TIMES.get(label, 0.0) + time.perf_counter() - t0
-
-    setattr(module, name, wrapper)
+# the functions MergeMoE's compress_layer calls, by the label of their stage
+STAGES = {
+    "clustering (weight Gram)": merging_common.weight_similarity,
+    "gate/up/down weighted average": merging_common.average_experts,
+    "fit: P and Y_tgt over tokens": mergemoe_method.down_projection_equations,
+    "solve": least_squares.NormalEquations.solve,
+    "build remapped block": merging_common.build_remap_block,
+    "calibration error (2 block forwards)": merging_common.layer_relative_error,
+}
 
 
 def gemm_gflops(size: int, dtype=torch.float32, repeats: int = 3) -> float:
@@ -66,7 +62,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--gemm-size", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="H 128, I 448, 512 tokens (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, hidden=128, intermediate=448, tokens=512, batch=128, gemm_size=256)
     h, i = args.hidden, args.intermediate
 
     fp32 = gemm_gflops(args.gemm_size)
@@ -87,26 +86,21 @@ def main() -> None:
     print(f"block built in {time.perf_counter() - t0:.1f} s: {args.experts} experts, H={h}, I={i}; "
           f"{args.tokens} tokens; merging to {args.merged}")
 
-    timed(mergemoe_module, "weight_similarity", "clustering (weight Gram)")
-    timed(mergemoe_module, "average_experts", "gate/up/down weighted average")
-    timed(mergemoe_module, "down_projection_equations", "fit: P and Y_tgt over tokens")
-    timed(least_squares.NormalEquations, "solve", "solve (pinv)")
-    timed(merging_common, "build_remap_block", "build remapped block")
-    timed(merging_common, "layer_relative_error", "calibration error (2 block forwards)")
+    timer = CallTimer(STAGES)
     stats = LayerStatistics(view, batches)
     method = build_method("mergemoe", experts=args.merged)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, timer:
         warnings.simplefilter("always")
         result = method.compress_layer(LayerContext(view, stats, 0, 1))
     total = time.perf_counter() - t0
-    for label, seconds in TIMES.items():
-        print(f"  {label:<40} {seconds:8.1f} s")
+    for label in STAGES:
+        print(f"  {label:<40} {timer.seconds[label]:8.1f} s  ({timer.calls[label]} calls)")
     print(f"  {'total compress_layer':<40} {total:8.1f} s")
     fit_tokens = result.record["fit_tokens"]
     groups = result.record["groups"]
     flops = sum(int(t) * (4 + 6 * len(groups[int(c)])) * h * i for c, t in fit_tokens.items())
-    fit_s = TIMES["fit: P and Y_tgt over tokens"]
+    fit_s = max(timer.seconds["fit: P and Y_tgt over tokens"], 1e-9)
     print(f"groups {groups}; fit tokens per cluster {fit_tokens}; warnings: {len(caught)} "
           f"({caught[0].message if caught else ''})"[:400])
     print(f"fit stage: {flops / 1e12:.2f} TFLOP in {fit_s:.1f} s = {flops / fit_s / 1e9:.1f} GFLOP/s "

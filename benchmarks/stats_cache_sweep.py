@@ -6,109 +6,67 @@ method at ratios 0.25, 0.375, 0.5, 0.625 it measures the CALIBRATION part of com
 - forwards: capturing layer 0's inputs, running decoder layers on the calibration hidden states,
   collecting MoE-block inputs (`pipeline.capture_layer_inputs`, `run_layer`, `collect_block_inputs`,
   `run_layer_collecting`);
-- statistics: every registered statistic computed (`calib.stats._STATISTICS`);
+- statistics: every statistic computed (`LayerStatistics.__getitem__`, the cache reads it makes
+  counted as cache);
 - fisher: D²-MoE's model-level Fisher (`fisher_bases`, in `prepare`);
 - cache: weight hashing, cache look-ups, reads and writes (`stats_cache.PipelineCache`, `LayerCache`,
-  `CachedLayers`, `weights_digest`).
+  `CachedLayers`, `weights_digest`), wherever they are called from.
 
 It compares one run as today (no cache, `propagate="compressed"`) with the whole 4-ratio sweep
 on a fresh cache with `propagate="original"`, and prints sweep / one run (goal <= 1.3). The
 method's own decision (sorting scores, solving) is not calibration and is reported apart.
+The functions are timed by `_common.CallTimer` (observed with `sys.setprofile`, not patched).
 
     PYTHONPATH=src python benchmarks/stats_cache_sweep.py [--methods reap,frequency,d2moe,mergemoe] \
         [--samples 64] [--seq-len 256] [--threads 1] [--repeat 3]
+
+`--quick`: d2moe (it has every category: forwards, statistics, Fisher, cache), 4 x 64 calibration
+tokens, one repetition (a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
 import time
-from collections import defaultdict
 
 import torch
+from _common import CallTimer, print_provenance, quick
 
 import moepress
 from moepress import pipeline, stats_cache
-from moepress.calib import stats as stats_module
-from moepress.methods.d2moe import method as d2moe_method
+from moepress.calib import LayerStatistics
+from moepress.methods.d2moe.fisher import fisher_bases
 from moepress.zoo import reference_model_path
 
 RATIOS = (0.25, 0.375, 0.5, 0.625)
 
 
-class Clock:
+def calibration_clock() -> CallTimer:
     """CPU seconds of the process per category of the outermost timed call (nested timed calls are
-    not counted twice). CPU time, not wall time: the machine is shared (2 cores, several jobs), so
+    not counted twice; cache calls count as cache wherever they are made, e.g. a statistic read
+    from the cache). CPU time, not wall time: the machine is shared (2 cores, several jobs), so
     the figure is what the calibration costs, not how busy the neighbours were."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-        self.wall = 0.0  # wall seconds of the same calls, for reference
-        self.depth = 0
-
-    def wrap(self, category, fn):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self.depth += 1
-            t0, w0 = time.process_time(), time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.depth -= 1
-                if self.depth == 0:
-                    self.seconds[category] += time.process_time() - t0
-                    self.wall += time.perf_counter() - w0
-
-        return timed
-
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
+    cache = stats_cache.PipelineCache, stats_cache.LayerCache
+    return CallTimer({
+        "forwards": [getattr(pipeline, name) for name in
+                     ("capture_layer_inputs", "run_layer", "collect_block_inputs", "run_layer_collecting")],
+        "statistics": LayerStatistics.__getitem__,  # every statistic a method reads, computed or read from the cache
+        "cache": [cache[0].inputs_needed, cache[0].onloaded, cache[0].propagated, cache[1].load, cache[1].save,
+                  stats_cache.CachedLayers.__getitem__, stats_cache.weights_digest],
+        "fisher": fisher_bases,  # D²-MoE's model-level Fisher (prepare)
+    }, clock=time.process_time, carve_out={"cache"})
 
 
-def instrument(clock: Clock):
-    """Patch the calibration functions to report into `clock`; returns an undo function."""
-    undo = []
-
-    def patch(owner, name, category, getter=getattr, setter=setattr):
-        original = getter(owner, name)
-        setter(owner, name, clock.wrap(category, original))
-        undo.append(lambda: setter(owner, name, original))
-
-    for name in ("capture_layer_inputs", "run_layer", "collect_block_inputs", "run_layer_collecting"):
-        patch(pipeline, name, "forwards")
-    registry = stats_module._STATISTICS
-    for name in list(registry):
-        patch(registry, name, "statistics", getter=dict.__getitem__, setter=dict.__setitem__)
-    for name in ("inputs_needed", "onloaded", "propagated"):
-        patch(stats_cache.PipelineCache, name, "cache")
-    for name in ("load", "save"):
-        patch(stats_cache.LayerCache, name, "cache")
-    patch(stats_cache.CachedLayers, "__getitem__", "cache")
-    patch(stats_cache, "weights_digest", "cache")
-    patch(d2moe_method, "fisher_bases", "fisher")  # D²-MoE's model-level Fisher (prepare)
-
-    def restore():
-        for fn in reversed(undo):
-            fn()
-
-    return restore
-
-
-def run(model, method, ratio, clock, **kwargs):
-    restore = instrument(clock)
-    try:
-        t0 = time.perf_counter()
+def run(model, method, ratio, clock: CallTimer, **kwargs):
+    t0 = time.perf_counter()
+    with clock:
         result = moepress.compress(model, method, ratio, offload=False, **kwargs)
-        wall = result.record["stages"]["compress"]["seconds"]
-    finally:
-        restore()
+    wall = result.record["stages"]["compress"]["seconds"]
     return result, wall, time.perf_counter() - t0
 
 
-def fmt(clock: Clock) -> str:
+def fmt(clock: CallTimer) -> str:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(clock.seconds.items()))
     return f"{clock.total:.2f} CPU s ({parts}; {clock.wall:.2f} s wall)"
 
@@ -121,7 +79,10 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="measure each side this many times, keep the "
                         "fastest (the machine is shared: the minimum is the least disturbed)")
+    parser.add_argument("--quick", action="store_true", help="every category, tiny calibration, once (smoke run)")
     args = parser.parse_args()
+    print_provenance()
+    quick(parser, args, methods="d2moe", samples=4, seq_len=64, repeat=1)
     torch.set_num_threads(args.threads)
     model = reference_model_path("mixtral-ref")
     common = dict(samples=args.samples, seq_len=args.seq_len, device="cpu")
@@ -131,14 +92,14 @@ def main():
     for method in args.methods.split(","):
         ones, originals, sweeps = [], [], []
         for _ in range(args.repeat):
-            one = Clock()
+            one = calibration_clock()
             _, one_wall, _ = run(model, method, 0.5, one, stats_cache=False, **common)
             ones.append((one.total, one, one_wall))
-            original = Clock()
+            original = calibration_clock()
             _, original_wall, _ = run(model, method, 0.5, original, stats_cache=False, propagate="original", **common)
             originals.append((original.total, original, original_wall))
             with tempfile.TemporaryDirectory(prefix="moepress-sweep-cache-") as directory:
-                sweep = Clock()
+                sweep = calibration_clock()
                 sweep_wall, hits, misses, propagated = 0.0, 0, 0, []
                 for ratio in RATIOS:
                     result, wall, _ = run(model, method, ratio, sweep, stats_cache=directory, propagate="original",

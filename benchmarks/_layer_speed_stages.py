@@ -2,12 +2,12 @@
 
 A stage function takes the `Layer` and returns `Stage` rows. FLOPs are split by the dtype the GEMMs
 run in ("model" = the layer's dtype); `E, H, I, k, T` = experts, hidden, intermediate, top-k, tokens.
-Stage timings synchronise CUDA before and after.
+Stage timings synchronise CUDA before and after. Parts of a method call are timed with
+`_common.CallTimer` (observed, not patched): the method code runs as shipped.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import warnings
@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from _common import CallTimer
 from moepress.arch import MoELayerView
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import LayerContext, build_method
-from moepress.methods.d2moe.stats import FLOAT32_PRODUCT_ROWS, expert_gram
-from moepress.methods.mergemoe import method as mergemoe_module
-from moepress.methods.naee import method as naee_module
+from moepress.methods.d2moe.stats import FLOAT32_PRODUCT_ROWS
+from moepress.methods.mergemoe.method import down_projection_equations
+from moepress.methods.subset_loss import SubsetLoss
 from moepress.ops.clustering import groups_of
 from moepress.ops.least_squares import (
     NormalEquations, RankDeficientWarning, fit_normal_equations, times_pseudo_inverse,
 )
 from moepress.ops.rank_allocation import MoELayerShape, rank_for_expert_ratio
+from moepress.ops.saliency import naee_search
 from moepress.ops.whitened_svd import EIGEN_FLOOR, activation_error, cholesky_whitener, whitened_svd
 
 F64 = "float64"
@@ -129,28 +131,6 @@ def _stage(name, m, flops, formula, gemm_bound, note="") -> Stage:
                  m["rss_gb"], m["cuda_gb"], note)
 
 
-@contextmanager
-def timing_calls(layer: Layer, owner, name: str, totals: dict):
-    """Temporarily wrap `owner.name` so that its (synchronised) wall time adds to `totals[name]`."""
-    fn = getattr(owner, name)
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        _sync(layer.device)
-        start = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            _sync(layer.device)
-            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
-
-    setattr(owner, name, wrapper)
-    try:
-        yield totals
-    finally:
-        setattr(owner, name, fn)
-
-
 # ---------------------------------------------------------------- routing, saliency, features
 def routing_stages(layer: Layer) -> list[Stage]:
     e, h, i, k, t = layer.dims()
@@ -181,9 +161,9 @@ def mergemoe_stages(layer: Layer) -> list[Stage]:
     e, h, i, k, t = layer.dims()
     method = build_method("mergemoe", ratio=layer.args.ratio)
     kept = method.config.kept_experts(e, k)
-    totals: dict = {}
-    with timing_calls(layer, mergemoe_module, "down_projection_equations", totals), \
-            timing_calls(layer, NormalEquations, "solve", totals), warnings.catch_warnings(), measured(layer) as m:
+    sync = torch.cuda.synchronize if layer.device.startswith("cuda") else None
+    timer = CallTimer({"fit": down_projection_equations, "solve": NormalEquations.solve}, sync=sync)
+    with warnings.catch_warnings(), measured(layer) as m, timer:
         warnings.simplefilter("ignore", RankDeficientWarning)  # expected below I tokens per cluster: dual form
         expert_map, _, record = method.merge(layer.context(), kept)
     groups = groups_of(expert_map)
@@ -198,7 +178,7 @@ def mergemoe_stages(layer: Layer) -> list[Stage]:
         else:             # rows held: dual form on the t×t token Gram
             solve += 2 * tokens ** 2 * i + tokens ** 3 / 3 + 2 * tokens ** 2 * h + 2 * h * tokens * i + 32 * tokens ** 2
     routes = sorted(set(record["fit_solved_by"].values()))
-    fit_s, solve_s = totals.get("down_projection_equations", 0.0), totals.get("solve", 0.0)
+    fit_s, solve_s = timer.seconds["fit"], timer.seconds["solve"]
     rest = dict(m, seconds=m["seconds"] - fit_s - solve_s)
     clusters = f"{len(record['fit_tokens'])} fitted clusters, tokens {min(record['fit_tokens'].values(), default=0)}" \
                f"-{max(record['fit_tokens'].values(), default=0)}"
@@ -258,17 +238,19 @@ def d2moe_stages(layer: Layer) -> list[Stage]:
     e, h, i, k, t = layer.dims()
     count = _gram_experts(layer)
     view = _restricted_view(layer, count)
+    stats = LayerStatistics(view, layer.batches)
     with measured(layer) as m:
-        grams = expert_gram(LayerStatistics(view, layer.batches))
-    routed = float(grams["tokens"].sum())
+        grams = stats["expert_gram"]
+    tokens = stats["frequency"].cpu()  # tokens routed to each expert (the shared statistic; routing cached)
+    routed = float(tokens.sum())
     flops = _gram_flops(layer, view)
-    del view  # the restricted block's copy of the experts
+    del view, stats  # the restricted block's copy of the experts, the statistics' reference to the Grams
     keep = min(count, _svd_experts(layer))
     grams = {name: g[:keep].clone() for name, g in grams.items()}  # frees the other experts' Grams
     note = f"{count} of {e} experts ({routed / count:.0f} tokens each)" if count < e else f"{routed / e:.0f} tokens/expert"
     rows = [_stage("D²-MoE Grams (input + intermediate)", m, flops,
                    "Σ_batches Σ_j t_j·(2H² + 2I²) [float64 if t_j < 256] + t_j·4·H·I (h_j)", True, note)]
-    rows += _decompose_stages(layer, grams, keep)
+    rows += _decompose_stages(layer, grams, tokens[:keep], keep)
     return rows
 
 
@@ -312,7 +294,7 @@ def _eigh_clamp_whitener(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky((evecs * evals.clamp_min(EIGEN_FLOOR)) @ evecs.T)
 
 
-def _decompose_stages(layer: Layer, grams: dict, experts: int) -> list[Stage]:
+def _decompose_stages(layer: Layer, grams: dict, tokens: torch.Tensor, experts: int) -> list[Stage]:
     e, h, i, _, _ = layer.dims()
     v = layer.view
     rank = rank_for_expert_ratio(layer.args.ratio, MoELayerShape(e, h, i), i)
@@ -322,7 +304,7 @@ def _decompose_stages(layer: Layer, grams: dict, experts: int) -> list[Stage]:
     stand_in = False
     for j in range(experts):
         for name in ("input", "intermediate"):
-            stand_in |= _full_rank_stand_in(grams[name][j], float(grams["tokens"][j]))
+            stand_in |= _full_rank_stand_in(grams[name][j], float(tokens[j]))
     whiteners = {}
     with measured(layer) as m:
         for j in range(experts):
@@ -378,46 +360,42 @@ class _EnoughEvaluations(Exception):
 
 
 def naee_stages(layer: Layer) -> list[Stage]:
+    """NaeePruning.choose's two parts on the real layer: its loss (`methods.subset_loss.SubsetLoss`: all
+    experts' outputs, the full layer, their per-token products) and `ops.saliency.naee_search` scoring
+    candidates with it, stopped after
+    `--naee-evaluations` subsets (the whole search is extrapolated from the time per subset)."""
     e, h, i, k, t = layer.dims()
     method = build_method("naee", ratio=layer.args.ratio)
     kept = method.kept(layer.context())
-    limit, spent = layer.args.naee_evaluations, {"seconds": 0.0, "count": 0}
-    real_search = naee_module.naee_search
+    used = min(t, method.config.max_tokens)
     exhaustive = math.comb(e, kept)
     full = exhaustive if exhaustive <= method.config.max_subsets else sum(range(kept + 1, e + 1))
+    with measured(layer) as outputs:
+        loss = SubsetLoss(layer.view, torch.cat(layer.batches)[:used]).squared_error  # as choose() builds it
+    limit, count = layer.args.naee_evaluations, 0
 
-    def bounded_search(num_experts, keep, loss, max_subsets):
-        def counted(subset):
-            if spent["count"] >= limit:
-                raise _EnoughEvaluations
-            start = time.perf_counter()
-            value = loss(subset)
-            _sync(layer.device)
-            spent["seconds"] += time.perf_counter() - start
-            spent["count"] += 1
-            return value
+    def bounded(subset):
+        nonlocal count
+        if count >= limit:
+            raise _EnoughEvaluations
+        count += 1
+        return loss(subset)  # a Python float: synchronised
+
+    with measured(layer) as m:
         try:
-            return real_search(num_experts, keep, counted, max_subsets)
+            naee_search(e, kept, bounded, method.config.max_subsets)
         except _EnoughEvaluations:
-            return list(range(keep)), "bounded", spent["count"]
-
-    naee_module.naee_search = bounded_search
-    try:
-        with measured(layer) as m:
-            method.choose(layer.context(), kept)
-    finally:
-        naee_module.naee_search = real_search
-    used = min(t, method.config.max_tokens)
-    per_eval = spent["seconds"] / max(spent["count"], 1)
-    outputs = dict(m, seconds=m["seconds"] - spent["seconds"] - per_eval)  # choose() scores its pick once more
+            pass
+    per_eval = m["seconds"] / max(count, 1)
     model = layer.dtype_name
     return [
-        _stage("NAEE expert outputs (all experts + full layer)", outputs, {model: (e + k) * used * 6 * h * i},
-               "(E + k)·T·6·H·I", True),
-        _stage("NAEE candidate evaluation", dict(m, seconds=spent["seconds"]),
-               {model: spent["count"] * (2 * used * h * kept + 2 * used * k * h + 3 * used * h)},
-               "per subset 2·T·H·M (router) + 2·T·k·H (gathered sum) + 3·T·H (loss)", False,
-               f"{spent['count']} of {full} subsets ({per_eval:.3f} s each -> {per_eval * full:.0f} s for all)"),
+        _stage("NAEE expert outputs (all experts + full layer)", outputs,
+               {model: (e + k) * used * 6 * h * i, "float64": 2 * used * h * (e * e + e)},
+               "(E + k)·T·6·H·I + fp64 2·T·H·(E² + E) (per-token products)", True),
+        _stage("NAEE candidate evaluation", m,
+               {model: count * 2 * used * h * kept, "float64": count * used * (3 * k * k + 2 * k)},
+               "per subset 2·T·H·M (router) + fp64 T·(3k² + 2k) (loss from the products)", False,
+               f"{count} of {full} subsets ({per_eval:.3f} s each -> {per_eval * full:.0f} s for all)"),
     ]
 
 
