@@ -100,6 +100,34 @@ def quick_model(family: str = "mixtral", layers: int = 2, **overrides) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- devices and the GEMM peak
+def sync(device) -> None:
+    """Wait for queued CUDA work (a no-op on the CPU), so a clock reading sees finished work."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(size: int, dtype=None, device="cpu", repeats: int = 5) -> float:
+    """Best-of-`repeats` GFLOP/s of a square `[size, size] @ [size, size]` matmul on `device` (after
+    a warm-up): the peak a stage's FLOP rate is compared with."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
 # ---------------------------------------------------------------- held-out evaluation (quality tables)
 def heldout_files(chars: int) -> list[str]:
     """The zoo's held-out texts, each cut to its first `chars` characters (0 = whole), as temp files

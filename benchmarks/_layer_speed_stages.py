@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from _common import CallTimer
+from _common import sync as _sync
 from moepress.arch import MoELayerView
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import LayerContext, build_method
@@ -91,11 +92,6 @@ class Stage:
         return {"stage": self.name, "seconds": self.seconds, "flops": self.flops, "gflops_per_s": self.gflops,
                 "peak_fraction": self.peak_fraction(peaks), "gemm_bound": self.gemm_bound,
                 "peak_rss_gb": self.rss_gb, "peak_cuda_gb": self.cuda_gb, "formula": self.formula, "note": self.note}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _vmhwm_gb() -> float:

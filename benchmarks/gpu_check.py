@@ -3,7 +3,7 @@
 On a GPU box with its own torch and transformers and no network, from a clone of the repository
 (nothing to install):
 
-    PYTHONPATH=src python benchmarks/gpu_check.py --out gpu-report            # ~6-8 min on one H200
+    PYTHONPATH=src python benchmarks/gpu_check.py --out gpu-report            # part limits: < 8 min in all
     PYTHONPATH=src python benchmarks/gpu_check.py --out r --device cpu --quick  # the CI smoke run
 
 writes `gpu-report/report.md` (what to read or paste) and `gpu-report/report.json` (every figure),
@@ -44,7 +44,8 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import REPO, print_provenance, versions
+from _common import REPO, gemm_gflops, print_provenance, versions
+from _common import sync as _sync
 
 PARTS = ("env", "methods", "layer_speed", "capped", "finetune")
 #: seconds each part may take: full run (~8 min in all at most), --quick (a loaded 2-core CPU)
@@ -57,13 +58,6 @@ QWEN3_TINY = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, moe_in
 
 
 # ---------------------------------------------------------------- the parts (each in a child process)
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: str) -> None:
     import torch
 
@@ -75,23 +69,6 @@ def _peak_gb(device: str) -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
-
-
-def _gemm_rate(device: str, dtype, n: int, reps: int = 5) -> float:
-    """TFLOP/s of an n x n x n matmul on `device` (best of `reps` after a warm-up)."""
-    import torch
-
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
 
 
 def part_env(args) -> dict:
@@ -110,7 +87,7 @@ def part_env(args) -> dict:
                    capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
                    gpus_visible=torch.cuda.device_count())
     n = 512 if args.quick else 8192
-    out["gemm_tflops"] = {name: round(_gemm_rate(args.device, getattr(torch, name), n), 3)
+    out["gemm_tflops"] = {name: round(gemm_gflops(n, getattr(torch, name), args.device) / 1e3, 3)
                           for name in ("bfloat16", "float32")}
     out["gemm_size"] = n
     return out
@@ -126,11 +103,11 @@ def _reference(args) -> str:
     return str(reference_model_path("mixtral-ref"))
 
 
-def _heldout_file(chars: int) -> str:
+def _heldout_file(folder: str, chars: int) -> str:
     from moepress.zoo import builtin_domains, builtin_text
 
     text = "\n\n".join(builtin_text(f"heldout:{d}") for d in builtin_domains())
-    path = Path(tempfile.mkdtemp(prefix="moepress-gpu-check-")) / "heldout.txt"
+    path = Path(folder) / "heldout.txt"
     path.write_text(text[:chars] if chars else text)
     return str(path)
 
@@ -154,7 +131,7 @@ def part_methods(args) -> dict:
     path = _reference(args)
     methods = args.methods.split(",") if args.methods else list(available_methods())
     settings = dict(samples=2 if args.quick else 32, seq_len=16 if args.quick else 256, seed=0, stats_cache=False)
-    heldout = _heldout_file(4000 if args.quick else 0)
+    heldout = _heldout_file(args.out, 4000 if args.quick else 0)
     eval_len = 32 if args.quick else 256
     deadline = time.perf_counter() + args.limit - 20
     rows = {}

@@ -37,10 +37,10 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import torch
 import transformers
+from _common import gemm_gflops as gemm_peak
 from _common import print_provenance, quick
 from _layer_speed_stages import STAGES, Layer
 
@@ -51,26 +51,6 @@ SHAPES = {
     "qwen3": ("qwen3_moe", dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8)),
 }
 QUICK = {"mixtral": dict(hidden_size=128, intermediate_size=448), "qwen3": dict(hidden_size=128, moe_intermediate_size=48)}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def gemm_peak(size: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
-    """Best-of-`repeats` GFLOP/s of a square `[size, size] @ [size, size]` matmul (after a warm-up)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
 
 
 def build_layer(shape: str, args) -> Layer:

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 import transformers
-from _common import CallTimer, print_provenance, quick
+from _common import CallTimer, gemm_gflops, print_provenance, quick
 
 from moepress.arch import FAMILIES, MoELayerView
 from moepress.calib.stats import LayerStatistics
@@ -42,17 +42,6 @@ STAGES = {
 }
 
 
-def gemm_gflops(size: int, dtype=torch.float32, repeats: int = 3) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -68,8 +57,8 @@ def main() -> None:
     quick(parser, args, hidden=128, intermediate=448, tokens=512, batch=128, gemm_size=256)
     h, i = args.hidden, args.intermediate
 
-    fp32 = gemm_gflops(args.gemm_size)
-    fp64 = gemm_gflops(args.gemm_size, torch.float64)
+    fp32 = gemm_gflops(args.gemm_size, repeats=3)
+    fp64 = gemm_gflops(args.gemm_size, torch.float64, repeats=3)
     print(f"threads {torch.get_num_threads()}; GEMM {args.gemm_size}^3: fp32 {fp32:.1f} GFLOP/s, fp64 {fp64:.1f} GFLOP/s")
 
     config = transformers.MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=args.experts,
