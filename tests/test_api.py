@@ -61,3 +61,16 @@ def test_one_loader_for_model_and_tokenizer(tiny_checkpoint):
     assert load_pretrained(model, require_tokenizer=False)[1] is None
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         load_pretrained("no-such-org/no-such-model")
+
+
+def test_progress_false_means_no_progress_and_a_bad_one_is_a_clear_error(tiny_checkpoint):
+    from moepress.methods import ConfigError
+
+    src = tiny_checkpoint("mixtral")
+    seen = []
+    result = moepress.compress(src, "average", 0.5, progress=False, samples=2, seq_len=16)
+    assert result.record["parameters"]["after"]["routed_experts"] < result.record["parameters"]["before"]["routed_experts"]
+    moepress.compress(src, "average", 0.5, progress=lambda *a: seen.append(a), samples=2, seq_len=16)
+    assert seen and seen[-1][0] == seen[-1][1]
+    with pytest.raises(ConfigError, match="progress must be"):
+        moepress.compress(src, "average", 0.5, progress="yes", samples=2, seq_len=16)

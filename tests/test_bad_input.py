@@ -92,6 +92,16 @@ CASES = {
     "output is the source": ("ok", ["--out", "SOURCE"], "is the source model"),
     "output inside the source": ("ok", ["--out", "INSIDE_SOURCE"], "is inside the source model"),
     "missing calibration file": ("ok", ["--calib", "MISSING"], "does not exist"),
+    "binary calibration file": ("ok", ["--calib", "BINARY_CALIB"], "binary.bin is not text (it holds NUL bytes"),
+    "calibration file not UTF-8": ("ok", ["--calib", "LATIN1_CALIB"], "latin1.txt is not UTF-8 text"),
+    "ratio not a number": ("ok", ["--ratio", "abc"], "Invalid value for '--ratio'"),
+    # method x option, refused before the model or the calibration text is read
+    "--quantize of compressed experts": ("ok", ["--method", "compressed_experts", "--quantize", "int8"],
+                                         "cannot quantize the 'compressed_experts' blocks"),
+    "--quantize of low-rank experts": ("ok", ["--method", "moe_i2", "--quantize", "fp8"], "'lowrank' blocks"),
+    "--budget auto of a method keeping all experts": ("ok", ["--method", "d2moe", "--budget", "auto"],
+                                                      "use --budget uniform"),
+    "--layers of a whole-model budget": ("ok", ["--method", "moe_i2", "--layers", "0"], "cannot compress a subset"),
 }
 
 
@@ -119,6 +129,7 @@ def _args(source, extra: list, calib_file: Path, tmp: Path) -> list[str]:
         else:
             args[key] = value
     substitutions = {"TINY_CALIB": str(tmp / "tiny.txt"), "EXISTING": str(tmp / "existing"),
+                     "BINARY_CALIB": str(tmp / "binary.bin"), "LATIN1_CALIB": str(tmp / "latin1.txt"),
                      "SOURCE": str(source), "MISSING": str(tmp / "missing.txt"),
                      "INSIDE_SOURCE": str(Path(str(source)) / "sub")}
     flat = [str(source)]
@@ -132,13 +143,15 @@ def test_bad_input_gets_one_clear_line(case, sources, calib_file, tmp_path):
     kind, extra, expected = CASES[case]
     source = sources[kind]
     (tmp_path / "tiny.txt").write_text("too short")
+    (tmp_path / "binary.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve text in Latin-1. ".encode("latin-1") * 40)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("a colleague's file")
     watched = [p for p in (Path(str(source)), existing) if p.exists()]
     before = {p: tree_hash(p) for p in watched}
     res = runner.invoke(app, ["compress", *_args(source, extra, calib_file, tmp_path)])
-    lines = [line for line in res.output.splitlines() if line.strip() and "Loading weights" not in line]
+    lines = [line for line in res.output.splitlines() if line.strip()]  # no library progress bars either
     assert res.exit_code != 0, res.output
     assert isinstance(res.exception, SystemExit), res.exception  # ended by the CLI, not by an exception
     assert "Traceback" not in res.output
@@ -148,6 +161,7 @@ def test_bad_input_gets_one_clear_line(case, sources, calib_file, tmp_path):
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
     assert not (tmp_path / ".out.work").exists()  # no layer finished: no work folder is left behind
+    assert not (tmp_path / ".out.lock").exists()  # nor the output's lock
 
 
 def test_argument_errors_need_no_torch():
@@ -176,3 +190,46 @@ def test_overwriting_a_folder_that_holds_the_source_is_refused(tmp_path):
     with pytest.raises(ExportError, match="not empty"):  # without --overwrite it was refused already
         check_output_dir(tmp_path / "models", source, overwrite=False)
     assert check_output_dir(tmp_path / "elsewhere", source, overwrite=True).path == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.mark.parametrize("where", ["SOURCE", "INSIDE_SOURCE"])
+@pytest.mark.parametrize("command", ["quantize", "bench"])
+def test_an_output_at_or_inside_the_source_is_refused_by_quantize_and_bench(command, where, tiny_checkpoint,
+                                                                           tmp_path):
+    src = tiny_checkpoint("mixtral")
+    before = tree_hash(src)
+    out = src if where == "SOURCE" else src / "sub"
+    res = runner.invoke(app, [command, str(src), "--out", str(out)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert ("is the source model" if where == "SOURCE" and command == "quantize" else "inside the source model") \
+        in lines[0], lines[0]
+    assert tree_hash(src) == before and not (src / "sub").exists()
+    assert not list(src.parent.glob(f".{src.name}*"))  # no lock, work or partial folder beside it either
+
+
+def test_a_nan_weight_is_named_as_the_checkpoint_file_stores_it(tiny_checkpoint, calib_file, tmp_path):
+    """The hub layout's per-expert name and the expert, not the fused in-memory `experts.gate_up_proj`;
+    and no advice to rerun, which would fail alike."""
+    src = _copy(tiny_checkpoint("mixtral"), tmp_path / "src")
+    weights = load_file(src / "model.safetensors")
+    key = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    weights[key] = weights[key].clone()
+    weights[key][5, 7] = float("nan")
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    res = runner.invoke(app, ["compress", str(src), *_args(src, [], calib_file, tmp_path)[1:]])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"layer 0: weight {key} (expert 3) in model.safetensors holds 1 NaN and 0 Inf values" in lines[0]
+    assert "gate_up_proj" not in lines[0] and "rerun" not in lines[0]
+
+
+def test_the_methods_quantize_refuses_are_those_whose_blocks_it_cannot_hold():
+    """`checks.UNQUANTIZABLE_BLOCKS` (read before any import) stays in step with the block kinds."""
+    from moepress.checks import UNQUANTIZABLE_BLOCKS
+    from moepress.methods import available_methods
+    from moepress.modeling.modeling_moepress import BLOCK_KINDS
+    from moepress.modeling.moepress_quant import QUANTIZABLE
+
+    assert set(UNQUANTIZABLE_BLOCKS.values()) == set(BLOCK_KINDS) - set(QUANTIZABLE) - {"experts"}
+    assert set(UNQUANTIZABLE_BLOCKS) <= set(available_methods())

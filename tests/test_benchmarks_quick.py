@@ -75,6 +75,11 @@ ROWS: dict[str, list] = {
     "compress_time.py": [r"^model tiny random mixtral; ratio 0\.5; calibration 4 x 32 tokens",
                          r"^method\s+seconds\s+x reap\s+x d2moe\s+peak RSS GiB"]
     + [row(m, N, N, N, N) for m in ("reap", "d2moe")],
+    "ce_out_of_domain.py": [r"^model .*: top-2 -> 1 main \+ 1 compressed; calibration and fine-tuning text: first half "
+                            r"of linux"]
+    + [row(name, *[N] * 11) for name in ("original top-2", "stock top-1", "paper vectors + finetune distill",
+                                         "fitted aux 2", "fitted aux 2 + finetune distill",
+                                         "fitted aux 2 + finetune vectors")],
     "compressed_experts_aux_sweep.py": [row("stock top-1", "ppl", N, "active/token", N),
                                         row("stock top-2", "ppl", N, "active/token", N),
                                         row("CE 1+1 aux width 0", "ppl", N, "active/token", N, "recovered", N),
@@ -92,6 +97,9 @@ ROWS: dict[str, list] = {
     + [row(m, N, N, N, N, before=r"0\.\d+") for m in ("d2moe", "naee", "reap", "mergemoe")]
     + [r"^\s+code=[\d.]+, foldoc=[\d.]+, french=[\d.]+, handbook=[\d.]+, linux=[\d.]+, python_docs=[\d.]+$"],
     "d2moe_speed.py": [row(name, N, N, N, N, N) for name in ("original", "d2moe 40%", "d2moe pp=0 40%")],
+    "eval_speed.py": [r"^model tiny random mixtral; float32; threads \d+; seq_len 256; batch 8; 2 items per domain"]
+    + [row(layout, N, N, N, N, N, before=task) for task in ("next_chunk", "domain_mc")
+       for layout in ("per-request", "shared")],
     # every part ran in its child process and passed; the report was written
     "gpu_check.py": [rf"^== {part}\n(?:(?!== ).*\n)*?   ok \([\d.]+ s\)"
                      for part in ("env", "methods", "layer_speed", "capped", "finetune")]

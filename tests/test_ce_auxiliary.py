@@ -160,3 +160,35 @@ def test_compress_save_reload_keeps_the_mini_experts(tmp_path, family, calib_fil
         remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         torch.testing.assert_close(remote(input_ids=ids).logits, expected)
     assert {m.aux_width for m in remote.modules() if getattr(m, "kind", "") == "compressed_experts"} == {2}
+
+
+def test_fit_modes_and_bias_option():
+    """`aux_fit` widens the fitted tokens (routed: any rank of the top-k; all: every token by score) and
+    `aux_bias=False` keeps the expert's own down bias (zero here) instead of fitting one."""
+    model = _model("olmoe")
+    view = moe_layer_views(model)[0]
+    x = torch.randn(96, view.hidden_size, generator=torch.Generator().manual_seed(3))
+    tokens = {mode: sum(_fitted(view, model, x, ratio=0.5, aux_width=2, aux_fit=mode).record["aux_fit_tokens"])
+              for mode in ("auxiliary", "routed", "all")}
+    assert tokens["auxiliary"] == 96 * 2 and tokens["routed"] == 96 * 4 and tokens["all"] == 96 * view.num_experts
+    plain = _fitted(view, model, x, ratio=0.5, aux_width=2, aux_bias=False).block
+    assert torch.count_nonzero(plain.aux_bias) == 0 and plain.aux_down.abs().sum() > 0
+    with pytest.raises(ConfigError, match="aux_fit must be one of"):
+        build_method("compressed_experts", aux_width=2, aux_fit="some")
+
+
+def test_default_finetune_distils_into_vectors_and_mini_experts_at_their_own_lr():
+    from moepress.methods.compressed_experts.finetune import FinetuneConfig, finetune, mini_experts
+
+    model = _model("olmoe")
+    x = torch.randn(64, model.config.hidden_size)
+    views = moe_layer_views(model)
+    for view in views:
+        set_moe_block(model, view.layer_index, _fitted(view, model, x, ratio=0.5, aux_width=2).block)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 512, (5, 16), generator=torch.Generator().manual_seed(0))
+    result = finetune(model, ids, FinetuneConfig(steps=3, batch_size=4), progress=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(("ce_" in n or "aux_" in n) for n in moved) and any("aux_down" in n for n in moved)
+    assert len(mini_experts(model)) == 3 * len(views)  # gate_up, down, bias per block
+    assert result.losses[0] > 0 and result.validation  # KL to the original top-k model, held out too

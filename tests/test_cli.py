@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -147,6 +148,9 @@ def test_eval_reports_perplexity_and_parameters(tiny_checkpoint, calib_file, tmp
     model = transformers.AutoModelForCausalLM.from_pretrained(src)
     assert report["metrics"]["params/total"] == sum(p.numel() for p in model.parameters())
     assert 1.0 < report["metrics"]["ppl/heldout.txt"] < 2 * 512  # a random 512-token model: near uniform
+    assert "ppl/heldout.txt = " in res.output
+    located = [line for line in res.output.splitlines() if re.search(r"\.py:\d+\s*$", line)]
+    assert not located, res.output  # notices print plainly, not as rich logs ending in `cli.py:365`
     res = runner.invoke(app, ["eval", str(src), "--ppl", "no-such-text"])
     assert res.exit_code == 2 and "neither a file nor a built-in text" in res.output
 
@@ -158,3 +162,58 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "moepress", "methods"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "compressed_experts" in done.stdout
+
+
+def test_warnings_print_as_one_line_each_and_library_noise_is_off(tiny_checkpoint, calib_file, tmp_path):
+    """MergeMoE on 32 tokens warns that its least squares is rank-deficient: one `warning:` line per
+    warning, in moepress's voice (no file path or source line), and no transformers progress bar."""
+    res = runner.invoke(app, ["compress", str(tiny_checkpoint("mixtral")), "-m", "mergemoe", "--ratio", "0.5",
+                              "--calib", str(calib_file), "--samples", "2", "--seq-len", "16", "--no-offload",
+                              "--quiet", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    warned = [line for line in lines if "rank-deficient" in line]
+    assert warned and all(line.startswith("warning: mergemoe layer ") for line in warned), lines
+    assert not [line for line in lines if ".py" in line or "RankDeficientWarning" in line], lines
+    assert "Loading weights" not in res.output and "Writing model shards" not in res.output
+    assert "checkpoint:" in res.output
+
+
+def test_only_rank_0_prints(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    """Under torchrun (RANK set) a rank other than 0 prints neither the table nor the checkpoint line;
+    an error it meets it prints only after leaving rank 0 time to report it first (torchrun then
+    ends this rank), naming the rank."""
+    import moepress.cli
+
+    monkeypatch.setattr(moepress.cli, "RANK_ERROR_GRACE_S", 0.0)
+    args = ["compress", str(tiny_checkpoint("mixtral")), "-m", "frequency", "--ratio", "0.5", "--calib",
+            str(calib_file), "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(tmp_path / "out")]
+    res = runner.invoke(app, args, env={"RANK": "1"})
+    assert res.exit_code == 0 and res.output == "", res.output
+    res = runner.invoke(app, args, env={"RANK": "0"})
+    assert res.exit_code == 2 and "pass --overwrite" in res.output
+    res = runner.invoke(app, args, env={"RANK": "1"})
+    assert res.exit_code == 2 and res.output.startswith("error (rank 1): output "), res.output
+    assert len(res.output.splitlines()) == 1
+
+
+def test_a_usage_error_is_one_line():
+    res = runner.invoke(app, ["compress", "x", "-m", "reap", "--ratio", "abc", "-o", "y"], prog_name="moepress")
+    assert res.exit_code == 2 and res.output.splitlines() == [
+        "error: Invalid value for '--ratio': Input should be a valid number, unable to parse string as a number "
+        "(see `moepress compress --help`)"], res.output
+    res = runner.invoke(app, ["compress"], prog_name="moepress")
+    assert res.exit_code == 2 and res.output.splitlines() == [
+        "error: Missing option '--out' / '-o'. (see `moepress compress --help`)"], res.output
+    res = runner.invoke(app, ["compress", "-o", "y"], prog_name="moepress")  # MODEL is optional only for --replay
+    assert res.exit_code == 2 and len(res.output.splitlines()) == 1 and "needs MODEL and --method" in res.output
+
+
+@pytest.mark.parametrize("method,words", [("reap", "experts removed"), ("mergemoe", "merged away"),
+                                          ("moe_pruner", "set to zero"), ("d2moe", "low-rank deltas"),
+                                          ("compressed_experts", "activated experts")])
+def test_methods_says_what_ratio_removes_for_each_method(method, words):
+    res = CliRunner().invoke(app, ["methods", method], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    ratio_row = next(line for line in res.output.splitlines() if "--ratio" in line)
+    assert words in " ".join(ratio_row.split())

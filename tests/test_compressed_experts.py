@@ -227,7 +227,7 @@ def test_vectors_only_finetune_learns_and_touches_nothing_else():
     model = _compressed_tiny()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "ce_" not in n}
     ids = _ids(4)
-    cfg = FinetuneConfig(steps=12, batch_size=4, lr=5e-2, warmup_ratio=0.0)
+    cfg = FinetuneConfig(recipe="vectors", steps=12, batch_size=4, lr=5e-2, warmup_ratio=0.0)
     result = finetune(model, ids, cfg, progress=False)
     assert result.losses[-1] < result.losses[0]
     for name, p in model.named_parameters():
@@ -238,12 +238,12 @@ def test_vectors_only_finetune_learns_and_touches_nothing_else():
 
 def test_resume_continues_bit_for_bit(tmp_path):
     ids = _ids()
-    cfg = FinetuneConfig(steps=4, batch_size=2, save_every=2, lr=1e-2)
+    cfg = FinetuneConfig(recipe="vectors", steps=4, batch_size=2, save_every=2, lr=1e-2)
     straight = _compressed_tiny()
     full = finetune(straight, ids, cfg, state_dir=tmp_path / "a", progress=False)
     first = _compressed_tiny()
-    finetune(first, ids, FinetuneConfig(steps=4, batch_size=2, save_every=2, lr=1e-2), state_dir=tmp_path / "b",
-             progress=False)
+    finetune(first, ids, FinetuneConfig(recipe="vectors", steps=4, batch_size=2, save_every=2, lr=1e-2), state_dir=tmp_path / "b",
+             progress=False, keep_state=True)  # as a killed run leaves its checkpoints
     (tmp_path / "b" / "latest").write_text("step-0000002.pt\n")  # as if killed after step 2
     resumed_model = _compressed_tiny()
     resumed = finetune(resumed_model, ids, cfg, state_dir=tmp_path / "b", resume=True, progress=False)
@@ -284,9 +284,13 @@ def test_paper_recipe_resolves_to_the_released_schedule_and_explicit_options_win
     mine = FinetuneConfig(recipe="paper", steps=10, lr=1e-4)
     assert (mine.steps, mine.epochs, mine.peak_lr, mine.train) == (10, None, 1e-4, "all")
     default = FinetuneConfig()
-    assert (default.recipe, default.train, default.steps, default.peak_lr, default.adam_beta2) == \
-        ("vectors", "vectors", 200, 1e-2, 0.95)
-    with pytest.raises(FinetuneError, match="--recipe must be one of vectors, paper"):
+    assert (default.recipe, default.train, default.distill, default.steps, default.peak_lr, default.aux_lr) == \
+        ("distill", "vectors", True, 200, 3e-3, 1e-3)
+    vectors = FinetuneConfig(recipe="vectors")  # the previous default, now explicit
+    assert (vectors.train, vectors.distill, vectors.steps, vectors.peak_lr, vectors.adam_beta2) == \
+        ("vectors", False, 200, 1e-2, 0.95)
+    assert FinetuneConfig(recipe="paper").distill is False
+    with pytest.raises(FinetuneError, match="--recipe must be one of distill, vectors, paper"):
         FinetuneConfig(recipe="sft")
     with pytest.raises(FinetuneError, match="--steps or --epochs, not both"):
         FinetuneConfig(steps=3, epochs=1.0)
@@ -390,7 +394,8 @@ def test_distillation_from_a_given_teacher_trains_a_stock_model():
             return float(distillation_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, 1.0))
 
     start = kl()
-    finetune(student, ids, FinetuneConfig(epochs=4, batch_size=4, lr=1e-4, train="all", distill=True),
+    finetune(student, ids, FinetuneConfig(epochs=4, batch_size=4, lr=1e-4, train="all", distill=True,
+                                           holdout=0.0),
              progress=False, teacher=teacher)
     assert start > 1e-4 and kl() < start
     for n, p in teacher.named_parameters():

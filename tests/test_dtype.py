@@ -97,3 +97,49 @@ def test_outputs_follow_the_umask(tiny_checkpoint, calib_file, tmp_path):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_auto_follows_the_stored_weights_when_the_config_says_float32(dtype, low_precision_source, calib_file,
+                                                                       tmp_path):
+    """Issue 20: a config that says float32 over half-precision files (as the zoo asset's once did) must
+    not make a "50 %" output larger than its source; the record says the two disagreed, and `quantize`
+    compares bytes on disk with bytes on disk."""
+    from moepress.loading import dtype_disagreement, source_dtype, tensor_bytes_on_disk
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in low_precision_source(dtype).iterdir():
+        (src / path.name).write_bytes(path.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    name = str(dtype).removeprefix("torch.")
+    assert source_dtype(src) == dtype
+    assert dtype_disagreement(src) and name in dtype_disagreement(src)
+
+    res = CliRunner().invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--calib", str(calib_file),
+                                   "--samples", "4", "--seq-len", "32", "-o", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "o" / "moepress.json").read_text())
+    assert record["dtype"] == name and "float32" in record["source_dtype_note"]
+    assert float_tensor_bytes(tmp_path / "o")[1] == {dtype}
+    assert tensor_bytes_on_disk(tmp_path / "o") < tensor_bytes_on_disk(src)
+
+    res = CliRunner().invoke(app, ["quantize", str(src), "--scheme", "int8", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    quant = json.loads((tmp_path / "q" / "moepress.json").read_text())["quantization"]
+    assert quant["model_bytes_before"] == tensor_bytes_on_disk(src)
+    assert quant["model_bytes_after"] == tensor_bytes_on_disk(tmp_path / "q")
+
+
+def test_auto_evaluates_a_half_precision_checkpoint_in_float32_on_a_cpu(low_precision_source):
+    """Outputs keep the stored dtype, but evaluation on a CPU runs half-precision weights in float32
+    (slow and, for float16, lossy matmuls otherwise); an explicit dtype is obeyed."""
+    from moepress.loading import evaluation_dtype
+
+    src = low_precision_source(torch.bfloat16)
+    assert evaluation_dtype("auto", src, "cpu") == torch.float32
+    assert evaluation_dtype("auto", src, "cuda") == torch.bfloat16
+    assert evaluation_dtype("bfloat16", src, "cpu") == torch.bfloat16
+    report = moepress.evaluate(src, ppl=["heldout:linux"], seq_len=32)
+    assert report.metrics["ppl/heldout:linux"] > 1

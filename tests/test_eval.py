@@ -10,6 +10,7 @@ import torch
 
 from moepress.eval import EvalReport, evaluate
 from moepress.eval.local_tasks import build_items, continuation_logprobs, score_items
+from moepress.eval.loglikelihood import encode_requests, loglikelihoods, shares_context
 from moepress.eval.perplexity import encode_text, perplexity, scoring_windows, unigram_perplexity
 from moepress.zoo import builtin_domains, builtin_text, builtin_texts
 
@@ -105,6 +106,132 @@ def test_local_tasks_are_deterministic_and_scored(tiny):
     assert result["n"] == 6 and result["acc"] == sum(hits) / 6
     with pytest.raises(ValueError, match="built-in"):
         build_items("hellaswag", texts)
+
+
+def _reference_loglikelihoods(model, encoded):
+    """The plain scorer: one unpadded forward per request, float64 log-softmax, a sum over its tokens."""
+    scores = []
+    with torch.no_grad():
+        for ctx, cont in encoded:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+            scores.append(sum(logp[len(ctx) - 1 + t, c].item() for t, c in enumerate(cont)))
+    return scores
+
+
+def _ragged_requests(vocab: int, seed: int = 0):
+    """Contexts of 1..40 tokens with 1..5 continuations of 1..12 tokens each (one context repeated
+    with other continuations further on, one continuation shared by two contexts)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    encoded = []
+    contexts = [rand(n) for n in (1, 40, 7, 23, 2, 31)]
+    for i, ctx in enumerate(contexts):
+        for _ in range(1 + i % 5):
+            encoded.append((ctx, rand(int(torch.randint(1, 13, (1,), generator=gen)))))
+    encoded.append((contexts[1], rand(5)))  # the same context again, not next to its group
+    encoded.append((contexts[3], encoded[0][1]))
+    return encoded
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_batched_scorer_equals_one_forward_per_request(tiny, shared, pad_side):
+    """Padding (either side), position ids, the shared-context mask, kept logits and the gather: the
+    batched scores equal one unpadded forward per request."""
+    model, tok, _ = tiny
+    encoded = _ragged_requests(len(tok))
+    reference = _reference_loglikelihoods(model, encoded)
+    for batch_size in (1, 3, 64):
+        batched = loglikelihoods(model, encoded, max_len=64, batch_size=batch_size, shared=shared, pad_side=pad_side)
+        assert batched.dtype == torch.float64 and batched.shape == (len(encoded),)
+        assert batched.tolist() == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_batched_scorer_other_families(family):
+    """The 4-D shared-context mask as each family's attention reads it (gpt-oss: eager with sinks)."""
+    from moepress.arch import tiny_model
+
+    model = tiny_model(family)
+    assert shares_context(model, 64)
+    encoded = _ragged_requests(model.config.vocab_size, seed=1)
+    reference = _reference_loglikelihoods(model, encoded)
+    batched = loglikelihoods(model, encoded, max_len=64, batch_size=4)
+    assert batched.tolist() == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def test_shares_context_only_where_a_4d_mask_is_exact(tiny):
+    from moepress.arch import tiny_config, tiny_model
+
+    model, _, _ = tiny
+    assert model.config._attn_implementation in ("sdpa", "eager") and shares_context(model, 256)
+    # a sliding window shorter than a request: every request in its own row, the model masks itself
+    windowed = tiny_model("mixtral", sliding_window=8)
+    assert not shares_context(windowed, 64) and shares_context(windowed, 8)
+    encoded = _ragged_requests(windowed.config.vocab_size, seed=2)
+    assert loglikelihoods(windowed, encoded, max_len=64, batch_size=4).tolist() == pytest.approx(
+        _reference_loglikelihoods(windowed, encoded), rel=1e-5, abs=1e-6)
+    # per-layer kinds: the window matters only on sliding layers
+    config = tiny_config("gpt_oss", sliding_window=16)
+    config._attn_implementation = "eager"  # what a loaded gpt-oss runs
+    assert set(config.layer_types) == {"full_attention"}
+    fake = lambda config: type("M", (), {"config": config})()  # noqa: E731
+    assert shares_context(fake(config), 64)
+    config.layer_types = ["sliding_attention", "full_attention"]
+    assert not shares_context(fake(config), 64) and shares_context(fake(config), 16)
+    config._attn_implementation = "flash_attention_2"  # takes no 4-D mask
+    assert not shares_context(fake(config), 16)
+
+
+def test_eager_attention_reads_the_additive_mask(tiny):
+    model, tok, _ = tiny
+    encoded = _ragged_requests(len(tok), seed=3)
+    reference = _reference_loglikelihoods(model, encoded)
+    model.set_attn_implementation("eager")
+    try:
+        batched = loglikelihoods(model, encoded, max_len=64, batch_size=4, shared=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert batched.tolist() == pytest.approx(reference, rel=1e-5, abs=1e-6)
+
+
+def test_items_take_one_forward_per_row_and_report_progress(tiny):
+    """The 4 choices of an item share one row (its context is not truncated under max_len=1024):
+    ceil(items / batch_size) forwards; progress counts every request once, after each forward."""
+    model, tok, _ = tiny
+    items = build_items("next_chunk", builtin_texts(), per_domain=2)  # 12 items, 48 requests
+    forwards, calls = [], []
+    hook = model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    try:
+        result = score_items(model, tok, items, max_len=1024, batch_size=5,
+                             progress=lambda n, total: calls.append((n, total)))
+    finally:
+        hook.remove()
+    assert len(forwards) == math.ceil(len(items) / 5) == len(calls)
+    assert sum(n for n, _ in calls) == 4 * len(items) and {total for _, total in calls} == {4 * len(items)}
+    # the same accuracies as scoring each request alone
+    pairs = [(item["query"], choice) for item in items for choice in item["choices"]]
+    alone = torch.tensor(_reference_loglikelihoods(model, encode_requests(tok, pairs, 1024))).view(-1, 4)
+    labels = torch.tensor([item["label"] for item in items])
+    assert result["acc"] == int((alone.argmax(1) == labels).sum()) / len(items)
+
+
+def test_truncation_and_empty_context(tiny):
+    _, tok, _ = tiny
+    (ctx, cont), = encode_requests(tok, [("a b c d e f g h i j", "k l m n o p")], max_len=8)
+    whole = tok("a b c d e f g h i j", add_special_tokens=False)["input_ids"]
+    assert len(ctx) + len(cont) <= 8 and ctx == whole[-len(ctx):]
+    (ctx, cont), = encode_requests(tok, [("a", "b " * 50)], max_len=8)
+    assert len(cont) == 7 and len(ctx) == 1  # the continuation keeps max_len - 1 tokens
+    with pytest.raises(ValueError, match="empty context"):
+        encode_requests(tok, [("", "text")], max_len=8)
+
+
+def test_evaluate_shows_a_bar_per_task(tiny, capsys):
+    model, tok, _ = tiny
+    evaluate(model, tok, ppl=["linux"], tasks="next_chunk", seq_len=64, mc_per_domain=1, progress=True)
+    err = capsys.readouterr().err
+    assert "next_chunk" in err and "requests" in err and "ppl/heldout:linux" in err and "windows" in err
 
 
 def test_evaluate_report_and_baseline(tiny, tmp_path):

@@ -80,7 +80,11 @@ def test_failed_run_says_what_it_left_and_the_rerun_says_it_resumed(tiny_checkpo
 
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "layer 1: weight" in res.output and "NaN" in res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1, res.output
     assert "finished layers of this run are kept in" in res.output and ".out.work" in res.output
+    # the same command fails the same way until the source is repaired: it says so, not "rerun"
+    assert "once the source model is repaired, the same command resumes" in res.output
+    assert "rerun" not in res.output
     assert (tmp_path / ".out.work" / "layer-00000.safetensors").exists()
 
     weights[key] = good

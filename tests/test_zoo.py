@@ -130,10 +130,13 @@ def test_committed_mixtral_ref_beats_unigram(monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert (asset / "model.safetensors").stat().st_size <= 10 * 1024 * 1024
-    model = AutoModelForCausalLM.from_pretrained(asset)
+    from moepress.loading import config_dtype, stored_dtype
+
+    assert stored_dtype(asset) == config_dtype(asset) == torch.float16  # the config says what the file holds
+    model = AutoModelForCausalLM.from_pretrained(asset, dtype=torch.float32)  # CPU work: upcast (moepress.load does)
     tok = AutoTokenizer.from_pretrained(asset)
     assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
-    assert next(model.parameters()).dtype == torch.float32  # fp16 file, upcast on load
+    assert next(model.parameters()).dtype == torch.float32
     for domain in ("linux", "handbook"):
         result = perplexity(model, tok, builtin_text(domain)[:8_000], seq_len=256)
         assert result["ppl"] < 0.7 * result["unigram_ppl"], (domain, result)

@@ -1,6 +1,6 @@
 """moepress: compress Mixture-of-Experts LLMs and prove what it cost.
 
-Public API (DESIGN.md §1): `compress`, `load`, `evaluate`, `methods`.
+Public API (DESIGN.md §1): `compress`, `load`, `evaluate`, `methods`; also `quantize`, `replay`.
 
 The names are resolved on first use (PEP 562), so `import moepress.cli` stays free of torch and
 `moepress --help` or an argument error answers at once.
@@ -26,7 +26,7 @@ def _quiet_optional_dependency_noise() -> None:
 
 _quiet_optional_dependency_noise()
 
-_API_NAMES = ("CompressionResult", "compress", "load", "quantize")
+_API_NAMES = ("CompressionResult", "compress", "load", "quantize", "replay")
 
 
 def evaluate(model, **kwargs):
@@ -68,4 +68,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'moepress' has no attribute {name!r}")
 
 
-__all__ = ["CompressionResult", "compress", "evaluate", "load", "methods", "quantize"]
+__all__ = ["CompressionResult", "compress", "evaluate", "load", "methods", "quantize", "replay"]

@@ -16,18 +16,20 @@ import dataclasses
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, output_lock
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
+from .checks import check_method_quantize
 from .devices import resolve_device
 from .export import OutputDir, check_output_dir, custom_layers, save_checkpoint
-from .loading import check_model_files, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
+from .loading import check_model_files, dtype_disagreement, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
 from .methods import ConfigError, Method, build_method
 from .layer_plan import build_plan, check_budget, check_method_plan, selection_record
 from .pipeline import compress_layers
@@ -52,6 +54,7 @@ class CompressionResult:
     source: str | None = None
     store: object = None  # StreamingLayers of a bounded-memory run (layers then live on disk)
     out: OutputDir | None = None  # the output location given to `compress`, already checked
+    lock: object = None  # rank 0's lock on `out` (output_lock.py), held from `compress` to the end of `save`
 
     @property
     def parameter_counts(self) -> dict:
@@ -66,9 +69,14 @@ class CompressionResult:
         if distributed.is_main_process():
             target = self._output(out, overwrite)
             export = "custom" if self.record.get("quantization") else self.method.export  # quantized experts
-            path = save_checkpoint(self.model, target, method_name=self.method.name, export=export,
-                                   record=self.record, tokenizer=self.tokenizer, source=self.source,
-                                   store=self.store, timed_stage="save")
+            try:
+                with output_lock.acquire(target.path):
+                    path = save_checkpoint(self.model, target, method_name=self.method.name, export=export,
+                                           record=self.record, tokenizer=self.tokenizer, source=self.source,
+                                           store=self.store, timed_stage="save")
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
         else:  # only rank 0 checks and writes: checking here would race with its writing
             path = Path(out).expanduser().resolve() if out is not None else self._output(None, overwrite).path
         distributed.barrier()
@@ -116,6 +124,8 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         dtype: dtype of the result and its checkpoint: "auto" (default) = the source's own dtype, or
             "float32" / "float16" / "bfloat16" / a torch dtype; recorded as `dtype` in moepress.json.
             The work itself (forwards, statistics, solves) runs in float32 whatever the source.
+        progress: optional `progress(done, total, description)` called after each layer (None or
+            False: none).
         log: optional `log(message)` for notices (a resumed run, a cleared work directory).
         quantize: "none" (default), "int8" or "fp8": weight-only quantization of the routed experts after
             compression (moepress/quantization.py: torchao numerics, one scale per output channel per
@@ -146,10 +156,13 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     joined_before = distributed.world_size() > 1
     if distributed.init_from_environment(compute_device) and not joined_before:
         atexit.register(distributed.shutdown)  # a gloo rank that exits inside its group aborts
-    if not distributed.is_main_process():
-        progress = None  # one progress display per run, rank 0's
+    if not distributed.is_main_process() or progress is False:
+        progress = None  # one progress display per run, rank 0's (False = none, as finetune's)
+    if progress is not None and not callable(progress):
+        raise ConfigError("progress must be None/False or a callable progress(done, total, description)")
     method_obj = build_method(method, ratio=ratio, experts=experts, **options)
     scheme = _quantize_scheme(quantize, offload)
+    check_method_quantize(method_obj.name, scheme)
     if scheme is not None:
         offload = False
     check_budget(budget, budget_floor)
@@ -165,11 +178,22 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         raise ConfigError(f"propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
     cache = resolve_stats_cache(stats_cache, log) if method_obj.needs_calibration else None
     t0 = time.perf_counter()
-    work = _work_dir(offload, model, method_obj, target)
-    with _drop_unused_work_dir(work):
-        return _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples, seq_len,
-                         seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on, scheme,
-                         plan_options, cache, propagate)
+    lock = output_lock.acquire(target.path, main_process=distributed.is_main_process()) if target else None
+    try:
+        work = _work_dir(offload, model, method_obj, target)
+        temporary = work is not None and work[1] and target is None
+        with _drop_unused_work_dir(work, temporary):
+            result = _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples,
+                               seq_len, seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on,
+                               scheme, plan_options, cache, propagate)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    result.lock = lock
+    if temporary and distributed.is_main_process():  # nobody can resume from it: it goes with an unsaved result
+        weakref.finalize(result, shutil.rmtree, str(work[0]), True)
+    return result
 
 
 def _quantize_scheme(quantize, offload) -> str | None:
@@ -184,13 +208,15 @@ def _quantize_scheme(quantize, offload) -> str | None:
 
 
 @contextlib.contextmanager
-def _drop_unused_work_dir(work: tuple[Path, bool] | None):
+def _drop_unused_work_dir(work: tuple[Path, bool] | None, temporary: bool = False):
     """A run that fails before finishing any layer leaves no work directory it created behind (one
-    with finished layers stays, so the same command resumes from it)."""
+    with finished layers stays, so the same command resumes from it; a `temporary` one, which no
+    later run can name, always goes)."""
     try:
         yield
     except BaseException:
-        if work is not None and work[1] and work[0].is_dir() and not any(work[0].glob("layer-*.safetensors")):
+        if work is not None and work[1] and work[0].is_dir() and (
+                temporary or not any(work[0].glob("layer-*.safetensors"))):
             shutil.rmtree(work[0], ignore_errors=True)
         raise
 
@@ -245,6 +271,7 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
         "calibration": calibration.describe() if calibration is not None else None,
         "seed": seed,
         "dtype": dtype_name(out_dtype),
+        "source_dtype_note": dtype_disagreement(source),
         "compute_dtype": "float32",
         "batch_size": batch_size,
         "propagation": propagate if calibration is not None else "none",
@@ -382,7 +409,7 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     plus a "finetune" entry) and `loss.png`. Training runs in float32 on `device` ("auto" | "cpu" |
     "cuda" | "cuda:N"); the output is written from the CPU in `dtype` ("auto" = the checkpoint's own).
     """
-    from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses
+    from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses, remove_state
 
     out = Path(out).expanduser()
     compute_device = resolve_device(device)
@@ -391,8 +418,8 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     model, tokenizer = load_pretrained(checkpoint, dtype=torch.float32)
     model.to(compute_device)
     ids = build_calibration(tokenizer, data, samples=samples, seq_len=seq_len, seed=config.seed).input_ids
-    result = finetune(model, ids, config, state_dir=out.with_name(out.name + ".state"), resume=resume,
-                      progress=progress)
+    state_dir = out.with_name(out.name + ".state")
+    result = finetune(model, ids, config, state_dir=state_dir, resume=resume, progress=progress, keep_state=True)
     model.to("cpu")
     record = read_record(checkpoint) or {"source_model": str(checkpoint)}
     record["finetune"] = finetune_record(config, result, "builtin:calib" if data is None else str(data))
@@ -402,7 +429,8 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     custom = bool(custom_layers(model))  # custom blocks, or stock blocks with per-layer expert counts
     path = save_checkpoint(model, target, method_name=record.get("method", "finetune"),
                            export="custom" if custom else "stock", record=record, tokenizer=tokenizer)
-    plot_losses(result.losses, path / "loss.png")
+    plot_losses(result.losses, path / "loss.png", validation=result.validation)
+    remove_state(state_dir)  # only once the output is written: a failed save can still --resume
     return path
 
 
@@ -413,5 +441,16 @@ def quantize(model, scheme: str = "int8", *, out=None, overwrite: bool = False, 
     return _quantize(model, scheme, out=out, overwrite=overwrite, dtype=dtype)
 
 
+
+def replay(record, *, out=None, overwrite: bool = False, progress=None, log=None) -> CompressionResult:
+    """Redo the compression recorded in `record` (a moepress.json file or its checkpoint folder), bit
+    for bit: `moepress compress --replay`. Refused before any work when the run cannot be reproduced
+    here (another world size), and before saving when its calibration tokens or method config differ
+    from the record's (`rerun.py`)."""
+    from .rerun import replay as _replay
+
+    return _replay(record, out=out, overwrite=overwrite, progress=progress, log=log)
+
+
 __all__ = ["CompressionResult", "compress", "finetune_checkpoint", "load", "load_pretrained", "methods",
-           "quantize", "read_record"]
+           "quantize", "read_record", "replay"]

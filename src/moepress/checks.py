@@ -29,6 +29,11 @@ class ExportError(InputError):
     """The output location is unusable (e.g. it is the source model); the message says why."""
 
 
+class DamagedSourceError(InputError):
+    """The source checkpoint itself is unusable (e.g. NaN weights): rerunning fails the same way
+    until the source is repaired; the message names the tensor and file."""
+
+
 class OutputDir(NamedTuple):
     """An output location that `check_output_dir` accepted (resolved path, overwrite allowed)."""
 
@@ -112,10 +117,39 @@ def check_dtype(name: str) -> str:
 
 
 def check_calibration_source(calib: str | None) -> None:
-    """A calibration file / folder that exists (None = the built-in text)."""
-    if calib is not None and not Path(calib).expanduser().exists():
+    """A calibration file / folder that exists (None = the built-in text); a file must be text."""
+    if calib is None:
+        return
+    path = Path(calib).expanduser()
+    if not path.exists():
         raise InputError(f"calibration source {calib!r} does not exist (give a text file, folder, .jsonl "
                          f"or a saved dataset; omit --calib for the built-in text)")
+    if path.is_file():
+        problem = text_file_problem(path)
+        if problem is not None:
+            raise InputError(f"calibration file {path} {problem}")
+
+
+TEXT_SNIFF_BYTES = 1 << 16
+
+
+def text_file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a UTF-8 text file, judged on its first 64 KiB (NUL bytes, or bytes that are
+    not UTF-8), or None when it is text. Later invalid bytes are left to the reader (replaced)."""
+    import codecs
+
+    with Path(path).open("rb") as fh:
+        head = fh.read(TEXT_SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return (f"is not text (it holds NUL bytes, the first at byte {nul}: a binary file); give a UTF-8 "
+                f"text file, a .jsonl/.json file, a folder of them or a saved dataset")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < TEXT_SNIFF_BYTES)
+    except UnicodeDecodeError as exc:
+        return (f"is not UTF-8 text (byte {exc.start} is {head[exc.start]:#04x}); convert it to UTF-8 "
+                f"(e.g. iconv -f latin1 -t utf-8) or give another file")
+    return None
 
 
 def method_package_names() -> list[str]:
@@ -128,6 +162,51 @@ def check_method_name(name: str) -> None:
     names = method_package_names()
     if name not in names:
         raise InputError(f"unknown method {name!r}; available: {', '.join(names)}")
+
+
+# method -> the custom block kind it installs, for methods whose blocks `--quantize` cannot hold
+# (quantization.QUANTIZABLE lists the block kinds it can; methods declare no output block kind yet,
+# so this table stands in for that declaration; tests/test_bad_input.py keeps it in step with
+# modeling's BLOCK_KINDS).
+UNQUANTIZABLE_BLOCKS = {"compressed_experts": "compressed_experts", "moe_i2": "lowrank"}
+
+
+def check_method_quantize(method: str, scheme: str | None) -> None:
+    """Refuse `--quantize` for a method whose output blocks it cannot hold, before any work (it was
+    only found after the whole compression)."""
+    if scheme in (None, "none") or method not in UNQUANTIZABLE_BLOCKS:
+        return
+    quantizable = sorted(set(method_package_names()) - set(UNQUANTIZABLE_BLOCKS))
+    raise InputError(f"--quantize {scheme} cannot quantize the {UNQUANTIZABLE_BLOCKS[method]!r} blocks method "
+                     f"{method!r} writes; quantize with one of {', '.join(quantizable)}, or run {method} "
+                     f"with --quantize none")
+
+
+def check_report_dir(out: str | Path, source: str | Path | None) -> None:
+    """A folder for reports (bench) is neither the source model nor inside it (never written to)."""
+    if source is None or not Path(str(source)).expanduser().exists():
+        return
+    out, src = Path(out).expanduser().resolve(), Path(str(source)).expanduser().resolve()
+    if out == src or out.is_relative_to(src):
+        raise ExportError(f"--out {out} is inside the source model {src}, which is never written to; "
+                          f"choose an --out outside it")
+
+
+def safetensors_keys(directory: str | Path) -> dict[str, str]:
+    """`{tensor name: file name}` of a model directory's safetensors files, from their headers only
+    ({} for anything that is not a local model directory)."""
+    folder = Path(str(directory)).expanduser()
+    out: dict[str, str] = {}
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with path.open("rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            continue
+        out.update({key: path.name for key in header if key != "__metadata__"})
+    return out
 
 
 def check_safetensors_files(directory: str | Path) -> None:

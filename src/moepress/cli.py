@@ -4,33 +4,78 @@ First contact is fast: this module imports neither torch nor moepress's heavy mo
 time (`moepress --help` answers at once), and each command checks its arguments with
 `moepress.checks` before importing anything heavy and before any progress bar is drawn. Any error
 ends the command with one line `error: ...` on stderr and exit code 2 (no traceback; set
-MOEPRESS_DEBUG=1 to see one).
+MOEPRESS_DEBUG=1 to see one); so does a usage error (`--ratio abc`), instead of typer's panel.
+
+While a command runs, library noise is off (transformers' progress bars and logging below errors)
+and each warning moepress itself raises prints as one `warning: ...` line, without a source
+location; other libraries' Python warnings are not shown (progress.py; MOEPRESS_DEBUG=1 shows
+everything). Under `torchrun` only rank 0 prints results, notices and warnings; another rank
+prints an error only if rank 0 has not ended the run first (`_user_errors`).
+
+`compress` and `quantize` hold a lock on their output (output_lock.py) and end on SIGINT / SIGTERM
+with one line saying what was kept and the command that resumes, exit code 130 / 143.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-from . import checks
+from . import checks, output_lock
+from .progress import is_printing_process, one_line_warnings, print_error, quiet_libraries
 from .zoo.cli import zoo_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Compress Mixture-of-Experts LLMs and measure what it cost.")
 console = Console(stderr=True)
+RANK_ERROR_GRACE_S = 3.0  # how long a rank other than 0 leaves rank 0 to report an error first
+class _MoepressGroup(TyperGroup):
+    """The command group: a usage error is one `error:` line; every command runs with library noise
+    silenced and warnings shown one line each (module doc)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = ["moepress", *(sys.argv[1:] if args is None else args)]
+        try:
+            with output_lock.running_command(argv):  # the command a resume line repeats
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's own click: a usage error
+            if type(exc).__name__ != "NoArgsIsHelpError":  # (that one has printed the help already)
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                print_error(exc.format_message() + hint)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            console.print("Aborted!", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        with quiet_libraries(), one_line_warnings():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_MoepressGroup, add_completion=False, no_args_is_help=True,
+                  help="Compress Mixture-of-Experts LLMs and measure what it cost.")
 QUANTIZE_CHOICES = ("none", "int8", "fp8")  # = moepress.quantization.CHOICES (not imported: no torch here)
 STATS_CACHE_HELP = ("directory of the calibration-statistics cache, reused across runs (default: "
                     "$MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)")
 QUANTIZE_HELP = ("weight-only quantization of the routed experts after compression: none | int8 | fp8 "
                  "(torchao; one scale per output channel per expert; the checkpoint then needs "
                  "trust_remote_code=True with from_pretrained; implies --no-offload)")
-DTYPE_HELP = "dtype of the output / of evaluation: auto (the source's dtype) | float32 | float16 | bfloat16"
+DTYPE_HELP = ("dtype of the output / of evaluation: auto (the dtype the weights are stored in; a half-precision "
+              "model is evaluated in float32 on a CPU) | float32 | float16 | bfloat16")
 
 
 def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
@@ -62,7 +107,7 @@ def _parse_opts(opts: list[str] | None, recipe: Path | None) -> dict:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {' '.join(str(message).split())}", soft_wrap=True, highlight=False)
+    print_error(message)
     raise typer.Exit(code=2)
 
 
@@ -80,7 +125,10 @@ def _message(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _user_errors(note=None):
-    """Turn any exception into one `error:` line and exit 2; `note()` may add a line (e.g. leftovers)."""
+    """Turn any exception into one `error:` line and exit 2; `note(exc)` may add to that line (e.g.
+    what the run left). Under torchrun a rank other than 0 first waits `RANK_ERROR_GRACE_S`: rank 0
+    meets the same error in that time as a rule, says it and ends, and torchrun then ends this rank
+    silently; an error of this rank alone is printed after the wait, naming the rank."""
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -88,17 +136,104 @@ def _user_errors(note=None):
     except Exception as exc:  # noqa: BLE001 - the user gets one line, the debug switch the traceback
         if os.environ.get("MOEPRESS_DEBUG"):
             raise
-        console.print(f"[bold red]error:[/] {' '.join(_message(exc).split())}", soft_wrap=True, highlight=False)
-        extra = note() if note is not None else None
-        if extra:
-            console.print(extra, soft_wrap=True, highlight=False)
+        extra = note(exc) if note is not None else None
+        text = _message(exc) + (f"; {extra}" if extra else "")
+        if not is_printing_process():
+            time.sleep(RANK_ERROR_GRACE_S)
+        print_error(text, prefix="[bold red]error:[/]" if is_printing_process() else
+                    f"[bold red]error (rank {os.environ.get('RANK')}):[/]")
         raise typer.Exit(code=2) from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every cleanup on the way out runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+_NOT_SET = object()
+
+
+def _set_handler(signum: int, handler):
+    """Install a signal handler (main thread only); returns the previous one, or `_NOT_SET`."""
+    try:
+        previous = signal.signal(signum, handler)
+    except (ValueError, OSError):  # not the main thread
+        return _NOT_SET
+    return signal.SIG_DFL if previous is None else previous
+
+
+@contextlib.contextmanager
+def _interrupts(describe):
+    """Ctrl-C (SIGINT) and SIGTERM end the command with one line, `describe(verb)` (what was kept and
+    how to resume), and exit code 130 / 143. Cleanups (the output lock, a half-written save) run
+    first, as for any exception."""
+    previous = _set_handler(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        if is_printing_process():
+            console.print(escape(describe("terminated" if terminated else "interrupted")), soft_wrap=True,
+                          highlight=False)
+        raise typer.Exit(code=143 if terminated else 130) from None
+    finally:
+        if previous is not _NOT_SET:
+            _set_handler(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred(what: str):
+    """SIGINT/SIGTERM wait while `what` runs (a save stopped midway would lose finished layers, which
+    it is moving into the checkpoint); one line says so. The command then ends normally."""
+    told = []
+
+    def defer(signum, frame):
+        if not told and is_printing_process():
+            console.print(escape(f"{signal.Signals(signum).name} received: finishing {what} first"),
+                          soft_wrap=True, highlight=False)
+        told.append(signum)
+
+    previous = {signum: _set_handler(signum, defer) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not _NOT_SET:
+                _set_handler(signum, handler)
+
+
+def _resume_command() -> str:
+    """The command line that reruns this one (under torchrun: the torchrun line of one node)."""
+    command = output_lock.command_line()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and command.startswith("moepress "):
+        command = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} -m {command}"
+    return command
+
+
+def _lock_output(out: Path):
+    """This run's lock on `out` (rank 0's under torchrun), or an error naming the run that holds it."""
+    return output_lock.acquire(out, main_process=is_printing_process())
+
+
+def _check_output(out: Path, model, overwrite: bool) -> None:
+    """`checks.check_output_dir`, but a live run on `out` is named first (its half-made output is not
+    the problem to report)."""
+    try:
+        checks.check_output_dir(out, model, overwrite)
+    except checks.ExportError:
+        output_lock.refuse_if_busy(out)
+        raise
 
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="model directory or hub id"),
-    method: str = typer.Option(..., "--method", "-m", help="registry name (see `moepress methods`)"),
+    model: Optional[str] = typer.Argument(None, help="model directory or hub id (required unless --replay)"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="registry name (see `moepress methods`; "
+                                         "required unless --replay)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of routed-expert parameters removed, in (0, 1) "
                                           "(of the --layers layers when given)"),
@@ -134,16 +269,36 @@ def compress(
                                             "the 'compressed' layers before it (sequential) or the 'original' model "
                                             "(statistics then reusable across ratios and methods); default: the "
                                             "method's own (compressed; HC-SMoE: original)"),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="redo the run recorded in this moepress.json "
+                                          "(or its checkpoint folder) bit for bit; give only --out with it"),
 ):
     """Compress MODEL with one method and save a checkpoint that reloads."""
+    if replay is not None:
+        given = [flag for flag, value in (("MODEL", model), ("--method", method), ("--ratio", ratio),
+                                          ("--experts", experts), ("--calib", calib), ("--opt", opt),
+                                          ("--recipe", recipe), ("--layers", layers)) if value]
+        with _user_errors():
+            if given:
+                raise checks.InputError(f"--replay redoes the recorded run as it was: give only --out (and "
+                                        f"--overwrite, --quiet) with it, not {', '.join(given)}")
+            from . import rerun
+
+            record = rerun.read(replay)
+            rerun.check_world_size(record)
+            _check_output(out, record.get("source_model"), overwrite)
+        return _replay(replay, record, out, overwrite, quiet)
     with _user_errors():
+        if model is None or method is None:
+            raise checks.InputError("compress needs MODEL and --method (or --replay RECORD); see "
+                                    "`moepress compress --help`")
         _check_quantize(quantize)
         checks.check_method_name(method)
         checks.check_ratio(ratio, experts)
         checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
         checks.check_dtype(dtype)
+        checks.check_method_quantize(method, quantize)
         checks.check_model_source(model)
-        checks.check_output_dir(out, model, overwrite)
+        _check_output(out, model, overwrite)
         checks.check_calibration_source(calib)
         from .layer_plan import check_budget, parse_layer_spec
 
@@ -155,11 +310,15 @@ def compress(
         _check_propagate(propagate)
     options.update(stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate)
     work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
-    with _user_errors(note=lambda: _leftover_note(work)):
-        path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
-                                     dtype, out, overwrite, offload, quiet, options, device, hidden_on,
-                                     quantize=quantize)
-    _print_result(result, path, method, model)
+    with _interrupts(lambda verb: _interrupted_line(verb, work, model)):
+        with _user_errors():
+            lock = _lock_output(out)
+        with lock, _user_errors(note=lambda exc: _leftover_note(work, exc)):
+            path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
+                                         dtype, out, overwrite, offload, quiet, options, device, hidden_on,
+                                         quantize=quantize)
+    if is_printing_process():
+        _print_result(result, path, method, model)
 
 
 def _check_quantize(scheme: str) -> None:
@@ -179,9 +338,36 @@ def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, 
         result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
                                    seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
                                    dtype=dtype, offload="auto" if offload is None else offload, out=out,
-                                   overwrite=overwrite, log=lambda message: console.print(message, soft_wrap=True),
-                                   device=device, hidden_on=hidden_on, quantize=quantize, **options)
-    return result.save(), result
+                                   overwrite=overwrite, log=_log, device=device, hidden_on=hidden_on,
+                                   quantize=quantize, **options)
+    with _signals_deferred(f"the save of {out}"):
+        return result.save(), result
+
+
+def _replay(record_path: Path, record: dict, out: Path, overwrite: bool, quiet: bool) -> None:
+    """`compress --replay`: the recorded run's arguments (rerun.py), the same lock, interrupts and save."""
+    import moepress
+    from moepress.progress import layer_progress
+
+    source = record.get("source_model") or "?"
+    work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
+    with _interrupts(lambda verb: _interrupted_line(verb, work, source)):
+        with _user_errors():
+            lock = _lock_output(out)
+        with lock, _user_errors(note=lambda exc: _leftover_note(work, exc)):
+            with layer_progress(quiet) as progress:
+                result = moepress.replay(record_path, out=out, overwrite=overwrite, progress=progress, log=_log)
+            with _signals_deferred(f"the save of {out}"):
+                path = result.save()
+    if is_printing_process():
+        _print_result(result, path, record["method"], source)
+        console.print(f"replayed {record_path}: same source, method config, calibration tokens and settings")
+
+
+def _log(message: str) -> None:
+    """A notice of the API (a resumed run, a cleared work directory): rank 0 prints it."""
+    if is_printing_process():
+        console.print(escape(str(message)), soft_wrap=True, highlight=False)
 
 
 def _check_propagate(propagate: str | None) -> None:
@@ -196,12 +382,44 @@ def _stats_cache_arg(stats_cache: Path | None, no_stats_cache: bool):
     return False if no_stats_cache else (stats_cache or True)
 
 
-def _leftover_note(work: Path) -> str | None:
-    """A failed bounded-memory run keeps its finished layers in `work`: say so, and how to use them."""
-    if work.is_dir() and any(work.glob("layer-*.safetensors")):
-        return (f"note: finished layers of this run are kept in {work}; rerun the same command to resume "
-                f"from them, or delete that folder")
-    return None
+def _leftover_note(work: Path, exc: BaseException) -> str | None:
+    """A failed bounded-memory run keeps its finished layers in `work`: say so, and how to use them
+    (a rerun fails alike until an input error is fixed, so then the fix comes first)."""
+    if not (work.is_dir() and any(work.glob("layer-*.safetensors"))):
+        return None
+    kept = f"finished layers of this run are kept in {work}"
+    if isinstance(exc, checks.DamagedSourceError):
+        return f"{kept}: once the source model is repaired, the same command resumes from them (or delete that folder)"
+    if isinstance(exc, checks.InputError):
+        return f"{kept}: once the cause is fixed, the same command resumes from them (or delete that folder)"
+    return f"{kept}: rerun the same command to resume from them, or delete that folder"
+
+
+def _kept_layers(work: Path) -> int:
+    """Finished layers recorded in a work directory's resume record (0 when there is none)."""
+    try:
+        return len(json.loads((work / "progress.json").read_text()).get("layers", {}))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _decoder_layer_count(model: str) -> str:
+    try:
+        config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return "?"
+    count = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+    return str(count) if count is not None else "?"
+
+
+def _interrupted_line(verb: str, work: Path, model: str) -> str:
+    """`interrupted: 3 of 8 layers kept in .OUT.work; resume with: moepress compress ...`"""
+    kept = _kept_layers(work) if work.is_dir() else 0
+    if kept:
+        return (f"{verb}: {kept} of {_decoder_layer_count(model)} layers kept in {work}; resume with: "
+                f"{_resume_command()}")
+    return (f"{verb}: nothing kept (no layer finished in {work}, or the run held the model in memory); rerun "
+            f"with: {_resume_command()}")
 
 
 def _print_result(result, path: Path, method: str, model: str) -> None:
@@ -242,12 +460,15 @@ def quantize_command(
         _check_quantize(scheme)
         checks.check_dtype(dtype)
         checks.check_model_source(model)
-        checks.check_output_dir(out, model, overwrite)
-        import moepress
-        from moepress.record import read_record
+        _check_output(out, model, overwrite)
+        lock = _lock_output(out)
+    with _interrupts(lambda verb: f"{verb}: nothing was written to {out}; rerun with: {_resume_command()}"):
+        with lock, _user_errors():
+            import moepress
+            from moepress.record import read_record
 
-        path = moepress.quantize(model, scheme, out=out, overwrite=overwrite, dtype=dtype)
-        entry = read_record(path)["quantization"]
+            path = moepress.quantize(model, scheme, out=out, overwrite=overwrite, dtype=dtype)
+            entry = read_record(path)["quantization"]
     Console().print(f"quantized {len(entry['layers'])} MoE layers' experts to {entry['storage_dtype']} "
                     f"({entry['library']} {entry['library_version']}): expert bytes {entry['expert_bytes_before']:,} "
                     f"-> {entry['expert_bytes_after']:,}, model bytes {entry['model_bytes_before']:,} -> "
@@ -362,7 +583,7 @@ def evaluate(
         report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
                                    batch_size=batch_size, speed=speed, baseline=baseline, dtype=dtype,
                                    lm_eval_limit=int(limit) if limit and limit >= 1 else limit,
-                                   log=lambda message: console.log(message), device=device)
+                                   log=_log, device=device)
         Console().print(report.table())
         if json_path is not None:
             Console().print(f"report: {report.save_json(json_path)}")
@@ -373,10 +594,13 @@ def finetune(
     checkpoint: Path = typer.Argument(..., help="moepress output (or any supported model) to fine-tune"),
     data: Optional[Path] = typer.Option(None, help="text: file, folder, jsonl or saved dataset (default: built-in)"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: CHECKPOINT-finetuned)"),
-    recipe: str = typer.Option("vectors", help="vectors (vectors only, 200 steps) | paper (whole model, lr 2e-5, "
-                                               "2 epochs, warmup 0.03, cosine: the paper's run_sft.py)"),
+    recipe: str = typer.Option("distill", help="distill (compressed experts only, KL to the original top-k model, "
+                                               "200 steps) | vectors (the same on next-token loss) | paper (whole "
+                                               "model, lr 2e-5, 2 epochs, warmup 0.03, cosine: the paper's run_sft.py)"),
     train: Optional[str] = typer.Option(None, help="vectors | all | model (all but the vectors); default: the recipe's"),
-    distill: bool = typer.Option(False, "--distill", help="KL to the original top-k model's logits"),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill",
+                                           help="KL to the original top-k model's logits (default: the recipe's)"),
+    holdout: float = typer.Option(0.1, help="fraction of the packed sequences held out for validation loss (0 = none)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's)"),
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256),
@@ -402,7 +626,7 @@ def finetune(
         from moepress.methods.compressed_experts.finetune import FinetuneConfig
 
         config = FinetuneConfig(recipe=recipe, steps=steps, batch_size=batch_size, lr=lr, train=train,
-                                distill=distill, save_every=save_every, seed=seed)
+                                distill=distill, save_every=save_every, seed=seed, holdout=holdout)
         path = finetune_checkpoint(checkpoint, data, out, config, samples=samples, seq_len=seq_len, resume=resume,
                                    progress=not quiet, overwrite=overwrite or resume, dtype=dtype, device=device)
     Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")
@@ -441,6 +665,7 @@ def bench(
         checks.check_positive(samples=samples, seq_len=seq_len)
         checks.check_dtype(dtype)
         checks.check_model_source(model)
+        checks.check_report_dir(out, model)
         checks.check_calibration_source(calib)
         _check_propagate(propagate)
         from moepress.bench import run_grid, write_report

@@ -3,7 +3,8 @@
 Output is written into a temporary sibling directory and renamed into place at the end, so an
 interrupted save never leaves a half-written checkpoint under the requested name, and the source
 model directory is never written to. The `moepress.json` record is written once, inside that
-temporary directory, so a checkpoint never exists without its record.
+temporary directory, so a checkpoint never exists without its record, and with it the model card
+(`README.md`, `model_card.py`) read from that record.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .arch import decoder_layers, family_of, is_stock_moe_block
 from .checks import ExportError, OutputDir, check_output_dir  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
 from .modeling.moepress_layout import to_hub_layout, use_hub_layout_on_save
+from .model_card import model_card
 from .record import stage_figures, write_record
 
 
@@ -78,6 +80,7 @@ def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_nam
         if timed_stage is not None:
             record.setdefault("stages", {})[timed_stage] = stage_figures(started)
         write_record(tmp, record)
+        (tmp / "README.md").write_text(model_card(record, target.path.name))
         _apply_umask(tmp)
         _replace(target, tmp)
     except BaseException:

@@ -8,7 +8,7 @@ import torch
 
 from .calib import build_calibration
 from .devices import resolve_device
-from .loading import load_pretrained
+from .loading import evaluation_dtype, load_pretrained
 from .methods import LayerContext, LayerResult, Method, MethodConfig
 from .pipeline import compress_layers
 
@@ -36,7 +36,7 @@ def expert_usage(model, calib=None, samples: int = 32, seq_len: int = 256, token
 
     device: where each layer runs (`devices.resolve_device`; the model waits on the CPU)."""
     compute_device = resolve_device(device)
-    model_obj, tok = load_pretrained(model, tokenizer=tokenizer, dtype=dtype)
+    model_obj, tok = load_pretrained(model, tokenizer=tokenizer, dtype=evaluation_dtype(dtype, model, compute_device))
     calibration = build_calibration(tok, calib, samples=samples, seq_len=seq_len)
     records = compress_layers(model_obj, _RecordUsage(MethodConfig()), calibration, device=compute_device)
     return {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,

@@ -25,7 +25,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> n
 
     check_model_files(path)
     config = transformers.AutoConfig.from_pretrained(str(path))
-    dtype = resolve_dtype(dtype, config)
+    dtype = resolve_dtype(dtype, path if stored_dtype(path) is not None else config)
     if getattr(config, "moepress", None):
         from .modeling import modeling_moepress
 
@@ -117,11 +117,56 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def source_dtype(source) -> torch.dtype:
-    """The floating dtype a model is stored in: a model object's parameters, else the config's `dtype`
-    (`torch_dtype` in older configs), else float32 (transformers' own default when none is recorded)."""
-    if isinstance(source, nn.Module):
-        return next((p.dtype for p in source.parameters() if p.is_floating_point()), torch.float32)
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtypes(path: str | Path) -> dict[torch.dtype, int]:
+    """Bytes of floating-point tensor data per dtype in a local model directory's safetensors files,
+    read from their headers only (no tensor is loaded); empty for a hub id or a directory without them."""
+    import json
+
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        return {}
+    totals: dict[torch.dtype, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with file.open("rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError):
+            continue  # a damaged file is reported by check_safetensors_files, not here
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_FLOATS.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            if dtype is not None and name != "__metadata__":
+                start, end = entry["data_offsets"]
+                totals[dtype] = totals.get(dtype, 0) + end - start
+    return totals
+
+
+def tensor_bytes_on_disk(path: str | Path) -> int | None:
+    """Bytes of tensor data in a local model directory's safetensors files (each file less its
+    8-byte length and its header): what the checkpoint's weights take on disk; None when not local."""
+    folder = Path(str(path)).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as fh:
+            total += file.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
+
+
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating dtype that holds most of a local checkpoint's weight bytes (None when it has no
+    local safetensors files). A norm or a router kept in float32 beside float16 experts does not count."""
+    totals = stored_dtypes(path)
+    return max(totals, key=totals.get) if totals else None
+
+
+def config_dtype(source) -> torch.dtype | None:
+    """The dtype a config (object, or a local directory's config.json) declares, or None."""
     value = getattr(source, "dtype", None) or getattr(source, "torch_dtype", None)
     if value is None and isinstance(source, (str, Path)):
         import json
@@ -131,7 +176,33 @@ def source_dtype(source) -> torch.dtype:
         value = data.get("dtype") or data.get("torch_dtype")
     if isinstance(value, str):
         value = DTYPES.get(value.removeprefix("torch."))
-    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def source_dtype(source) -> torch.dtype:
+    """The floating dtype a model is stored in: a model object's parameters; for a local directory the
+    dtype of its stored weights (safetensors headers), which wins over what `config.json` declares
+    (a config may say float32 over float16 files); else the config's `dtype` (`torch_dtype` in older
+    configs); else float32 (transformers' own default when none is recorded)."""
+    if isinstance(source, nn.Module):
+        return next((p.dtype for p in source.parameters() if p.is_floating_point()), torch.float32)
+    if isinstance(source, (str, Path)):
+        stored = stored_dtype(source)
+        if stored is not None:
+            return stored
+    return config_dtype(source) or torch.float32
+
+
+def dtype_disagreement(source) -> str | None:
+    """A sentence for the record when a local checkpoint's config declares another dtype than its
+    weights are stored in (`dtype auto` follows the weights); None when they agree or it is not local."""
+    if not isinstance(source, (str, Path)):
+        return None
+    stored, declared = stored_dtype(source), config_dtype(source)
+    if stored is None or declared is None or stored == declared:
+        return None
+    return (f"the source's weights are stored in {dtype_name(stored)} while its config.json says "
+            f"{dtype_name(declared)}: dtype auto follows the stored weights")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, source) -> torch.dtype | None:
@@ -146,3 +217,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, source) -> torch.dtype | None
 
         raise InputError(f"dtype must be auto, {', '.join(DTYPES)} or a torch dtype; got {dtype!r}")
     return DTYPES[dtype]
+
+
+def evaluation_dtype(dtype: torch.dtype | str | None, source, device=None) -> torch.dtype | None:
+    """The dtype to *run* a model in for evaluation or inspection: `resolve_dtype`, except that "auto"
+    runs a half-precision checkpoint (float16 / bfloat16 on disk) in float32 on a CPU, where half
+    matmuls are slow and float16 ones lossy; on a GPU "auto" runs it as stored. The output of
+    `compress` keeps following `resolve_dtype` (the dtype on disk). An explicit dtype is obeyed."""
+    resolved = resolve_dtype(dtype, source)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if dtype == "auto" and on_cpu and resolved in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return resolved

@@ -37,7 +37,7 @@ from torch import nn
 from . import distributed
 from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from .calib import CalibrationSet, LayerStatistics
-from .checks import InputError
+from .checks import DamagedSourceError, InputError
 from .layer_store import InMemoryLayers
 from .methods import LayerContext, Method
 from .stats_cache import PROPAGATIONS, PipelineCache
@@ -243,7 +243,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
             store.release(i)
             propagated = True
         layer = store.onload(i)
-        check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.")
+        check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.", model=model)
         if cache_plan is not None:
             cache_plan.onloaded(i, layer)
         layer = _onto(layer, device)
@@ -276,9 +276,11 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     return records
 
 
-def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: nn.Module | None = None) -> None:
-    """Refuse NaN/Inf weights as they are onloaded, naming the tensor: a damaged checkpoint would
-    otherwise pass silently (a pruned NaN expert) or fail inside a solver with an unrelated message."""
+def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: nn.Module | None = None,
+                         model: nn.Module | None = None) -> None:
+    """Refuse NaN/Inf weights as they are onloaded, naming the tensor as the checkpoint file stores it
+    (and the expert): a damaged checkpoint would otherwise pass silently (a pruned NaN expert) or
+    fail inside a solver with an unrelated message. `model`: the whole model (for the file's names)."""
     skipped = {id(p) for p in skip.parameters()} if skip is not None else set()
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if id(tensor) in skipped or tensor.is_meta or not tensor.is_floating_point():
@@ -286,8 +288,37 @@ def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: 
         flat = tensor.detach().reshape(-1)  # in chunks: isfinite makes full-size temporaries
         if not all(bool(torch.isfinite(c).all()) for c in flat.split(1 << 22)):
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-            raise InputError(f"{where}: weight {prefix}{name} holds {nan} NaN and {inf} Inf values; the model "
-                             f"checkpoint is damaged (nothing was written)")
+            raise DamagedSourceError(f"{where}: weight {_stored_name(model or module, prefix + name, tensor)} "
+                                     f"holds {nan} NaN and {inf} Inf values; the source checkpoint is damaged: "
+                                     f"repair it or download it again (nothing was written to the output)")
+
+
+def _stored_name(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
+    """How the non-finite values of in-memory tensor `name` are named in the source's files: the
+    family's hub layout (per-expert names, as `save_pretrained` writes) or the fused name the file
+    holds, with the expert(s) and the file, e.g. `model.layers.0.block_sparse_moe.experts.3.w1.weight
+    (expert 3) in model.safetensors`."""
+    from .checks import safetensors_keys
+    from .modeling.moepress_layout import to_hub_layout
+
+    bad = ~torch.isfinite(tensor.detach())
+    experts = []
+    if ".experts." in f".{name}" and tensor.dim() >= 2:  # fused routed experts: dim 0 is the expert
+        experts = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    try:
+        hub = to_hub_layout(model, {name: bad.to(torch.float32)}) if hasattr(model, "config") else {}
+    except Exception:  # noqa: BLE001 - naming must never hide the error it names
+        hub = {}
+    names = [k for k, v in hub.items() if bool(v.any())] or [name]
+    files = safetensors_keys(getattr(model, "name_or_path", "") or "")
+    if files and not any(k in files for k in names) and name in files:
+        names = [name]  # a checkpoint saved fused (save_original_format=False)
+    text = names[0] + (f" (and {len(names) - 1} more tensors)" if len(names) > 1 else "")
+    if experts:
+        text += f" ({'expert' if len(experts) == 1 else 'experts'} {', '.join(map(str, experts))})"
+    if names[0] in files:
+        text += f" in {files[names[0]]}"
+    return text
 
 
 def check_finite_hidden(hidden: list[torch.Tensor], index: int) -> None:

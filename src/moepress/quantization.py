@@ -115,9 +115,10 @@ def _stock_to_remap(block: nn.Module, config) -> nn.Module:
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `module`, shared tensors once (what a checkpoint stores)."""
+    """Bytes of `module`'s state dict (parameters and persistent buffers), shared tensors once: what a
+    checkpoint of it stores (a rotary `inv_freq` buffer is not saved, so it is not counted)."""
     seen, total = set(), 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in module.state_dict(keep_vars=True).values():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
         if key not in seen:
             seen.add(key)
@@ -203,7 +204,7 @@ def quantize(model, scheme: str = "int8", *, out: str | Path | None = None, over
     `dtype` is the dtype of everything left in full precision ("auto" = the source's own).
     """
     from .export import check_output_dir, save_checkpoint
-    from .loading import dtype_name, load_pretrained, resolve_dtype
+    from .loading import dtype_name, load_pretrained, resolve_dtype, tensor_bytes_on_disk
     from .record import library_versions, read_record
 
     scheme = check_scheme(scheme)
@@ -217,6 +218,11 @@ def quantize(model, scheme: str = "int8", *, out: str | Path | None = None, over
     entry = quantize_experts(model_obj, scheme)
     if target is None:
         return model_obj
+    # sizes on disk against sizes on disk: the source's files as stored (not its in-memory dtype), the
+    # output as it will be written (its state in out_dtype, shared tensors once, equals its files)
+    on_disk = tensor_bytes_on_disk(model) if isinstance(model, (str, Path)) else None
+    if on_disk is not None:
+        entry["model_bytes_before"] = on_disk
     base = (read_record(model) if isinstance(model, (str, Path)) and Path(str(model)).is_dir() else None) or {}
     record = {**base, "moepress_record": 1, "source_model": base.get("source_model", source),
               "quantized_from": source, "dtype": dtype_name(out_dtype), "quantization": entry,

@@ -7,6 +7,7 @@ statistic can see one.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,10 @@ class CalibrationSet:
 
     def describe(self) -> dict:
         n, seq_len = self.input_ids.shape
+        digest = hashlib.sha256(self.input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
         return {"source": self.source, "sequences": n, "seq_len": seq_len, "tokens": n * seq_len,
-                "seed": self.seed, "available_sequences": self.available_sequences}
+                "seed": self.seed, "available_sequences": self.available_sequences,
+                "token_sha256": digest}  # `--replay` checks it: the same tokens, or an error
 
 
 def pack_token_ids(docs: list[list[int]], seq_len: int, eos_id: int | None) -> torch.Tensor:

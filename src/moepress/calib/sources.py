@@ -30,6 +30,11 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 
 def _read_file(path: Path, field: str) -> list[str]:
+    from ..checks import text_file_problem
+
+    problem = text_file_problem(path)  # a binary file would otherwise pass as replacement characters
+    if problem is not None:
+        raise CalibrationError(f"calibration file {path} {problem}")
     if path.suffix == ".jsonl":
         return _read_jsonl(path, field)
     if path.suffix == ".json":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..devices import resolve_device
+from ..loading import evaluation_dtype
 from .local_tasks import ALIASES, LOCAL_TASKS, build_items, score_items
 from .report import EvalReport
 
@@ -51,7 +54,7 @@ def _split_names(values) -> list[str]:
 def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride: int | None = None,
              batch_size: int = 8, speed: bool = False, baseline=None, lm_eval_limit: int | float | None = None,
              mc_per_domain: int = 32, log=None, device: str | torch.device | None = "auto",
-             dtype="auto") -> EvalReport:
+             dtype="auto", progress: bool | None = None) -> EvalReport:
     """Evaluate a causal LM the same way for every method.
 
     Args:
@@ -68,15 +71,20 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         mc_per_domain: items per domain of the local multiple-choice tasks.
         device: "auto" | "cpu" | "cuda" | "cuda:N" (`devices.resolve_device`): the model is moved
             there (a model object in place); None leaves it where it is.
-        dtype: dtype a model path is loaded in: "auto" (default) = the checkpoint's own, or
-            "float32" / "float16" / "bfloat16" (a model object is used as it is).
+        dtype: dtype a model path is run in: "auto" (default) = the dtype its weights are stored in,
+            except that half-precision weights run in float32 on a CPU (`loading.evaluation_dtype`),
+            or "float32" / "float16" / "bfloat16" (a model object is used as it is).
+        progress: a bar per perplexity text and local task on stderr (windows / requests done);
+            None = only when stderr is a terminal.
 
     Returns:
         EvalReport with flat ``metrics`` (``ppl/<label>``, ``<task>/acc``, ``params/total``, ...).
     """
     log = log or (lambda message: None)
+    if progress is None:
+        progress = sys.stderr.isatty()
     target = resolve_device(device) if device is not None else None  # checked before loading
-    model, tokenizer, name = _open(model, tokenizer, dtype)
+    model, tokenizer, name = _open(model, tokenizer, evaluation_dtype(dtype, model, target))
     if target is not None:
         model.to(target)
     stride = stride or seq_len
@@ -99,7 +107,9 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
     for entry in _split_names(ppl):
         label, text = _resolve_text(entry)
         t0 = time.perf_counter()
-        result = perplexity(model, tokenizer, text, seq_len=seq_len, stride=stride, batch_size=batch_size)
+        with _task_bar(progress, f"ppl/{label}", "windows") as advance:
+            result = perplexity(model, tokenizer, text, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                progress=advance)
         report.metrics[f"ppl/{label}"] = result.pop("ppl")
         report.details[f"ppl/{label}"] = {**result, "seconds": round(time.perf_counter() - t0, 2)}
         log(f"ppl/{label} = {report.metrics[f'ppl/{label}']:.3f}")
@@ -113,10 +123,13 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         texts = builtin_texts()
         for task in local:
             items = build_items(task, texts, per_domain=mc_per_domain)
-            result = score_items(model, tokenizer, items, max_len=seq_len, batch_size=batch_size)
+            t0 = time.perf_counter()
+            with _task_bar(progress, task, "requests") as advance:
+                result = score_items(model, tokenizer, items, max_len=seq_len, batch_size=batch_size, progress=advance)
             report.metrics[f"{task}/acc"] = result["acc"]
             report.metrics[f"{task}/acc_norm"] = result["acc_norm"]
-            report.details[task] = {"n": result["n"], "per_domain_acc": result["per_domain"], "chance": 0.25}
+            report.details[task] = {"n": result["n"], "per_domain_acc": result["per_domain"], "chance": 0.25,
+                                    "seconds": round(time.perf_counter() - t0, 2)}
             log(f"{task}/acc = {result['acc']:.3f}")
     if remote:
         from .lm_eval_bridge import run_lm_eval
@@ -135,5 +148,36 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
         report.baseline = evaluate(baseline, tokenizer=None if isinstance(baseline, (str, Path)) else tokenizer,
                                    ppl=ppl, tasks=tasks, seq_len=seq_len, stride=stride, batch_size=batch_size,
                                    speed=speed, lm_eval_limit=lm_eval_limit, mc_per_domain=mc_per_domain, log=log,
-                                   device=device, dtype=dtype)
+                                   device=device, dtype=dtype, progress=progress)
     return report
+
+
+@contextlib.contextmanager
+def _task_bar(enabled: bool, description: str, unit: str):
+    """Yields ``advance(n, total)`` (``n`` more done of ``total``) for a bar ``description [bar]
+    done/total unit, elapsed, ETA`` on the console of `moepress.progress`; a no-op when not ``enabled``.
+    The bar is drawn at the first update (the work has started, its total is known)."""
+    if not enabled:
+        yield lambda n, total: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from ..progress import _console
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=_console, transient=False)
+    task = None
+
+    def advance(n, total):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, advance=n, total=total)
+
+    try:
+        yield advance
+    finally:
+        if task is not None:
+            bar.stop()

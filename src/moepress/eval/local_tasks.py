@@ -16,6 +16,8 @@ import re
 
 import torch
 
+from .loglikelihood import encode_requests, loglikelihoods
+
 LOCAL_TASKS = ("next_chunk", "domain_mc")
 ALIASES = {"local_mc": "next_chunk"}
 
@@ -74,49 +76,33 @@ def build_items(task: str, texts: dict[str, str], per_domain: int = 32, seed: in
     return items
 
 
-@torch.no_grad()
-def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256, batch_size: int = 8):
-    """Summed log-probability of each continuation given its context; list of floats."""
-    encoded = []
-    for context, cont in pairs:
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        tgt = tokenizer(cont, add_special_tokens=False)["input_ids"][: max_len - 1]
-        ctx = ctx[-(max_len - len(tgt)):]
-        encoded.append((ctx, tgt))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    scores: list[float] = []
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(c) + len(t) for c, t in chunk)
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (ctx, tgt) in enumerate(chunk):
-            seq = ctx + tgt
-            batch[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logprobs = torch.log_softmax(model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
-        for row, (ctx, tgt) in enumerate(chunk):
-            pos = torch.arange(len(ctx) - 1, len(ctx) + len(tgt) - 1)
-            scores.append(float(logprobs[row, pos, torch.tensor(tgt)].sum()))
-    model.train(was_training)
-    return scores
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256, batch_size: int = 8,
+                          progress=None) -> list[float]:
+    """Summed log-probability of each continuation given its context; list of floats.
+
+    Batched as `loglikelihood.loglikelihoods` says (choices sharing a context share a row);
+    ``progress``: ``advance(n, total)`` after each forward (``n`` more requests done)."""
+    encoded = encode_requests(tokenizer, pairs, max_len)
+    return loglikelihoods(model, encoded, max_len=max_len, batch_size=batch_size, progress=progress).tolist()
 
 
-def score_items(model, tokenizer, items: list[dict], max_len: int = 256, batch_size: int = 8) -> dict:
-    """``{"acc", "acc_norm", "n", "per_domain": {domain: acc}}`` of the items under the model."""
+def score_items(model, tokenizer, items: list[dict], max_len: int = 256, batch_size: int = 8, progress=None) -> dict:
+    """``{"acc", "acc_norm", "n", "per_domain": {domain: acc}}`` of the items under the model.
+
+    ``progress``: ``advance(n, total)`` as the choices are scored (``4 * len(items)`` in all)."""
     pairs = [(item["query"], choice) for item in items for choice in item["choices"]]
-    logprobs = continuation_logprobs(model, tokenizer, pairs, max_len=max_len, batch_size=batch_size)
-    correct = correct_norm = 0
+    logprobs = continuation_logprobs(model, tokenizer, pairs, max_len=max_len, batch_size=batch_size,
+                                     progress=progress)
+    scores = torch.tensor(logprobs, dtype=torch.float64).view(len(items), 4)
+    n_bytes = torch.tensor([len(c.encode("utf-8")) for item in items for c in item["choices"]],
+                           dtype=torch.float64).view(len(items), 4)
+    labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    # argmax takes the first of tied maxima, as lm-eval's np.argmax (and the former max(range(4))) do
+    hits = scores.argmax(1) == labels
+    hits_norm = (scores / n_bytes.clamp(min=1)).argmax(1) == labels
     per_domain: dict[str, list[int]] = {}
-    for k, item in enumerate(items):
-        scores = logprobs[4 * k : 4 * k + 4]
-        norm = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, item["choices"])]
-        hit = int(max(range(4), key=scores.__getitem__) == item["label"])
-        correct += hit
-        correct_norm += int(max(range(4), key=norm.__getitem__) == item["label"])
-        per_domain.setdefault(item["domain"], []).append(hit)
+    for item, hit in zip(items, hits.tolist()):
+        per_domain.setdefault(item["domain"], []).append(int(hit))
     n = max(len(items), 1)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": len(items),
+    return {"acc": int(hits.sum()) / n, "acc_norm": int(hits_norm.sum()) / n, "n": len(items),
             "per_domain": {d: sum(v) / len(v) for d, v in per_domain.items()}}

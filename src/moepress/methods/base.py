@@ -133,6 +133,8 @@ class Method:
     keeps_expert_count: ClassVar[bool] = False
     # False for a method that spreads its budget over all MoE layers itself (no `--layers`).
     supports_layer_subset: ClassVar[bool] = True
+    # What `--ratio` removes for this method, in the user's words (`moepress methods NAME`).
+    ratio_help: ClassVar[str] = "fraction of routed-expert parameters removed, in (0, 1)"
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -242,6 +244,6 @@ def describe_options(cls: type[Method]) -> list[dict[str, str]]:
     for f in dataclasses.fields(cls.config_class):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append({"name": f.name, "type": type_name(types[f.name]), "default": repr(default),
-                     "help": f.metadata.get("help", "")})
+        text = cls.ratio_help if f.name == "ratio" else f.metadata.get("help", "")
+        rows.append({"name": f.name, "type": type_name(types[f.name]), "default": repr(default), "help": text})
     return rows

@@ -150,6 +150,9 @@ def layer_relative_error(view: MoELayerView, block, batches: list[torch.Tensor],
 
 class MergingMethod(Method):
     """Base of merging methods: subclasses implement `merge(ctx, m) -> (expert_map, merged, record)`."""
+    ratio_help = ("fraction of each layer's routed experts merged away: the N experts become round(N x (1 - "
+                  "ratio)) merged ones, so the same fraction of routed-expert parameters; active parameters per "
+                  "token are unchanged")
 
     export = "custom"
     keeps_expert_count = True

@@ -15,6 +15,9 @@ from .base import ConfigError, LayerContext, LayerResult, Method
 
 
 class PruningMethod(Method):
+    ratio_help = ("fraction of each layer's routed experts removed (whole experts: round(N x (1 - ratio)) are "
+                  "kept), so the same fraction of routed-expert parameters; active parameters per token are "
+                  "unchanged")
     export = "stock"
     keeps_expert_count = True
 

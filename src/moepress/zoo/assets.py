@@ -57,8 +57,9 @@ def export_builtin_texts(out: Path = TEXTS_DIR, heldout_chars: int = 80_000, cal
 def export_asset(model_path: Path, out: Path, dtype: str = "float16") -> Path:
     """Copy a trained model into the package assets with fp16 weights.
 
-    The config keeps ``dtype: float32`` so ``from_pretrained`` upcasts on load (fp16 matmuls
-    on CPU are slow and lossy); only the file is half precision.
+    The config says what the file holds (``dtype: float16``), so `dtype auto` and a stock
+    ``from_pretrained`` agree with the bytes on disk; moepress's loader upcasts to float32 for
+    evaluation and calibration anyway (fp16 matmuls on CPU are slow and lossy).
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -75,6 +76,6 @@ def export_asset(model_path: Path, out: Path, dtype: str = "float16") -> Path:
         if (model_path / name).exists():
             shutil.copy2(model_path / name, out / name)
     config = json.loads((out / "config.json").read_text())
-    config["dtype"] = "float32"
+    config["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -107,3 +107,15 @@ def list_command() -> None:
         table.add_row(name, recipe.config_class, status, str(summary.get("mean_ppl", "–")),
                       str(summary.get("mean_unigram_ppl", "–")), str(summary.get("mean_pairwise_jsd_bits", "–")))
     Console().print(table)
+
+
+@zoo_app.command("path")
+def path_command(name: str = typer.Argument("mixtral-ref", help="Reference model (default: the committed one).")) -> None:
+    """Print a reference model's directory (e.g. `REF=$(moepress zoo path)` in a shell)."""
+    from . import reference_model_path
+
+    try:
+        typer.echo(str(reference_model_path(name)))
+    except (FileNotFoundError, ValueError) as err:  # not built yet / not a reference model: the loader says which
+        typer.secho(str(err), fg="red", err=True)
+        raise typer.Exit(2) from None

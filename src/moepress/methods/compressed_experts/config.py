@@ -20,8 +20,13 @@ class CompressedExpertsConfig(MethodConfig):
     aux_width: int | None = field(default=None, metadata={
         "help": "our addition: each auxiliary expert also runs a width-R mini-expert fitted on calibration text "
                 "(its R most important neurons, down + bias by least squares); none = the paper (vectors only)"})
-    aux_ridge: float = field(default=1e-3, metadata={
-        "help": "ridge of the mini-experts' least-squares fit, toward the kept neurons' own down columns"})
+    aux_ridge: float = field(default=0.1, metadata={
+        "help": "ridge of the mini-experts' least-squares fit (relative to the Gram's mean diagonal), toward "
+                "the kept neurons' own down columns; 0.1 measured best out of domain (was 1e-3)"})
+    aux_fit: str = field(default="auxiliary", metadata={
+        "help": "tokens the mini-experts are fitted on: auxiliary (where the expert is auxiliary) | routed "
+                "(anywhere in the top-k) | all (every token, weighted by the router's score)"})
+    aux_bias: bool = field(default=True, metadata={"help": "fit an output bias per mini-expert"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,6 +44,8 @@ class CompressedExpertsConfig(MethodConfig):
             raise ConfigError(f"k_main must be >= 1, got {self.k_main}")
         if self.aux_width is not None and int(self.aux_width) < 0:
             raise ConfigError(f"aux_width must be >= 0 (0 = an output vector per expert), got {self.aux_width}")
+        if self.aux_fit not in ("auxiliary", "routed", "all"):
+            raise ConfigError(f"aux_fit must be one of auxiliary, routed, all; got {self.aux_fit!r}")
         if self.aux_ridge < 0:
             raise ConfigError(f"aux_ridge must be >= 0, got {self.aux_ridge}")
 

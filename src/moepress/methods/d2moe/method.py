@@ -35,6 +35,8 @@ from .fisher import PROJECTIONS, calibration_ids, fisher_bases
 
 
 class D2MoE(Method):
+    ratio_help = ("fraction of routed-expert parameters removed: the experts become one shared base + low-rank "
+                  "deltas sized to store (1 - ratio) of them; every expert stays routable")
     name = "d2moe"
     summary = "shared Fisher-merged base + whitened-SVD low-rank expert deltas + semi-dynamic base pruning"
     config_class = D2MoEConfig

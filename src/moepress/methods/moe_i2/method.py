@@ -59,6 +59,8 @@ def allowed_prune_counts(view: MoELayerView) -> list[int]:
 
 
 class MoEI2(Method):
+    ratio_help = ("fraction of routed-expert parameters removed, by pruning experts and factoring the kept ones "
+                  "into low-rank pairs")
     name = "moe_i2"
     summary = "MoE-I2: importance-aware non-uniform expert pruning + per-expert low-rank (whitened SVD)"
     config_class = MoEI2Config

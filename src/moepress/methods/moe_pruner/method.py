@@ -53,6 +53,8 @@ def gated_input_sq(stats: LayerStatistics) -> dict[str, torch.Tensor]:
 
 
 class MoEPruner(Method):
+    ratio_help = ("fraction of routed-expert weights set to zero (every expert stays; the tensors keep their "
+                  "shape, the non-zeros are recorded)")
     name = "moe_pruner"
     summary = "MoE-Pruner: zero expert weights by |W| x router-weighted input norm (unstructured or 2:4); stock"
     config_class = MoEPrunerConfig
