@@ -27,8 +27,9 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt scripts/install_vllm_env.sh
 
 vllm-venv: $(VLLM_STAMP)
 
+# two workers on two cores; a module's tests stay on one worker (its module fixtures are built once)
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests -n 2 --dist loadscope
 
 test-serving: $(STAMP) $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 MOEPRESS_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests_serving
