@@ -249,6 +249,33 @@ def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpo
     assert other.record["stages"]["calibration"]["resumed_layers"] == 0
 
 
+def test_a_save_that_dies_before_the_rename_keeps_every_finished_layer(tiny_checkpoint, calib_file, tmp_path,
+                                                                        monkeypatch):
+    """The work shards stay until the checkpoint is in place (layer_store.finish): a save killed
+    after the layers were written into it resumes from all of them (issue 20)."""
+    import moepress.export as export
+
+    src = tiny_checkpoint("mixtral")
+    kwargs = dict(calib=calib_file, samples=4, seq_len=32)
+    first = moepress.compress(src, "reap", 0.5, out=tmp_path / "out", **kwargs)
+
+    def killed(*args, **kw):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_record", killed)  # after every layer was handed over
+        with pytest.raises(_Killed):
+            first.save()
+    assert not (tmp_path / "out").exists()
+    work = tmp_path / ".out.work"
+    assert len(list(work.glob("layer-*.safetensors"))) == 2
+    del first
+    resumed = moepress.compress(src, "reap", 0.5, out=tmp_path / "out", **kwargs)
+    assert resumed.record["stages"]["calibration"]["resumed_layers"] == 2
+    out = resumed.save()
+    assert moepress.load(out) is not None and not work.exists()
+
+
 @pytest.mark.parametrize("renormalize", [None, True])
 def test_reap_scores_carry_no_autograd_graph(renormalize):
     """REAP's sums ran the experts with gradients on, so its scores reached `choose` with

@@ -84,8 +84,10 @@ def save_checkpoint(model: nn.Module, out: str | Path | OutputDir, *, method_nam
         _apply_umask(tmp)
         _replace(target, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the work shards are still there: the run resumes
         raise
+    if store is not None:
+        store.finish()  # only now: a save that dies before the rename loses no finished layer
     return target.path
 
 

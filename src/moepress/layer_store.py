@@ -20,6 +20,7 @@ import copy
 import ctypes
 import gc
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -216,16 +217,18 @@ class StreamingLayers:
 
 
     def hand_over(self, directory: Path, convert=None) -> dict[str, str]:
-        """Move the finished layer shards into checkpoint `directory`; returns `{tensor key: file}`.
+        """Write the finished layer shards into checkpoint `directory`; returns `{tensor key: file}`.
 
         `convert` (state dict -> state dict, e.g. to the hub's names) is applied to each shard on the
         way, one layer in memory at a time; the work directory keeps in-memory names for resuming.
-        The run is complete afterwards: its resume record goes, and so does a work directory this
-        store created itself."""
+        The work shards stay until `finish` (called once the checkpoint is renamed into place): a
+        save killed half-way leaves a work directory the same command resumes from. Without
+        `convert` the shards are hard-linked (no second copy on disk); with it the save needs the
+        finished layers' size once more on disk until `finish`."""
         weight_map = {}
         for fname in sorted(set(self.shards.values())):
             if convert is None:
-                shutil.move(str(self.work_dir / fname), Path(directory) / fname)
+                _link_or_copy(self.work_dir / fname, Path(directory) / fname)
                 weight_map.update({k: fname for k, v in self.shards.items() if v == fname})
                 continue
             state = convert(load_file(str(self.work_dir / fname)))
@@ -233,12 +236,17 @@ class StreamingLayers:
                       metadata={"format": "pt"})
             weight_map.update({k: fname for k in state})
             del state
-            (self.work_dir / fname).unlink()
             release_freed_memory()
+        return weight_map
+
+    def finish(self) -> None:
+        """The checkpoint is in place: the run is complete. Its shards and resume record go, and so
+        does a work directory this store created itself."""
+        for fname in set(self.shards.values()):
+            (self.work_dir / fname).unlink(missing_ok=True)
         (self.work_dir / PROGRESS).unlink(missing_ok=True)
         if self.owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        return weight_map
 
     def close(self) -> None:
         """Unmap the source checkpoint."""
@@ -306,3 +314,11 @@ def _rebuild_rotary(model: nn.Module, name: str, module: nn.Module, config) -> N
     """Rotary embeddings keep non-persistent buffers computed at init: rebuild on CPU."""
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link of `source` at `target` (same file system: no bytes copied), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
