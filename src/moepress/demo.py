@@ -49,7 +49,8 @@ def run_demo(out: Path = Path("out/demo"), methods=DEFAULT_METHODS, ratio: float
     model_path = _reference_model()
     console.print(f"[bold]moepress demo[/]: {', '.join(methods)} at ratio {ratio} on the trained reference model "
                   f"{model_path}")
-    settings = dict(seq_len=seq_len, ppl=builtin_domains(), tasks=["next_chunk", "domain_mc"], mc_per_domain=16)
+    settings = dict(seq_len=seq_len, ppl=builtin_domains(), tasks=["next_chunk", "domain_mc"], mc_per_domain=16,
+                    progress=False if quiet else None)  # --quiet: no bars inside evaluation either
     console.print("evaluating the original model on held-out text ...")
     rows = {"original": evaluate(model_path, **settings).metrics}
     paths = {}
