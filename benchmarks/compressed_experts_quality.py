@@ -4,8 +4,9 @@
         [--epochs 2] [--lr 2e-5] [--vectors-lr 0.01] [--k-main 2] [--aux-width 4,8] [--matched]
         [--speed-only] [--json out.json]
 
-Every fine-tuned variant gets the same recipe (`--recipe paper` of `moepress finetune`, ALGORITHMS.md
-§3.2: whole model, cosine schedule, warmup 0.03, --epochs passes over the same --sequences packed
+Every fine-tuned variant gets the same recipe (`--recipe paper` of `moepress finetune`,
+docs/algorithms.md#compressed_experts-fine-tuning: whole model, cosine schedule, warmup 0.03, --epochs
+passes over the same --sequences packed
 windows of the reference model's own training split, batch 8), as the paper's baselines do (Table 1):
   top-k            the original model, no fine-tuning
   top-k FT         the original model fine-tuned (the paper's "Top-k SFT" oracle)

@@ -1,4 +1,5 @@
-"""Expert merging vs pruning on the trained reference models (ALGORITHMS.md §1.5, §4.1–4.4).
+"""Expert merging vs pruning on the trained reference models (docs/algorithms.md: mergemoe, hcsmoe,
+msmoe, zipit, reap).
 
     .venv/bin/python benchmarks/merging_quality.py [--model mixtral-ref] [--ratios 0.25,0.5]
         [--calib-domain linux] [--methods naee,mergemoe,...] [--json out.json]

@@ -1,4 +1,4 @@
-"""The Python API's run decisions (DESIGN.md §1): offloading, output location, the record, the loader."""
+"""The Python API's run decisions (docs/design.md#python-api): offloading, output location, the record, the loader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The uniform MoE layer view reproduces each family's own block (DESIGN.md §2, ALGORITHMS.md §7.1)."""
+"""The uniform MoE layer view reproduces each family's own block (docs/design.md#arch, docs/algorithms.md#layer-view)."""
 
 from __future__ import annotations
 

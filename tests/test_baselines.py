@@ -1,4 +1,4 @@
-"""The papers' missing baselines: MoE-Pruner (ALGORITHMS.md §4.6) and MoE-I² (§4.7)."""
+"""The papers' missing baselines: MoE-Pruner and MoE-I² (docs/algorithms.md: moe_pruner, moe_i2)."""
 
 from __future__ import annotations
 

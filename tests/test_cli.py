@@ -1,4 +1,4 @@
-"""The command line as users call it (DESIGN.md §1)."""
+"""The command line as users call it (docs/design.md#commands)."""
 
 from __future__ import annotations
 

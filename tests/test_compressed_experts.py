@@ -1,4 +1,4 @@
-"""Compressed Experts (ALGORITHMS.md §3, exactness tests §7.4): block, method, accounting, finetune."""
+"""Compressed Experts (docs/algorithms.md#compressed_experts, exactness tests there): block, method, accounting, finetune."""
 
 from __future__ import annotations
 

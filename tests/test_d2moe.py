@@ -1,4 +1,4 @@
-"""D²-MoE exactness tests (ALGORITHMS.md §7.3) and the delta block over every family."""
+"""D²-MoE exactness tests (docs/algorithms.md#d2moe) and the delta block over every family."""
 
 from __future__ import annotations
 

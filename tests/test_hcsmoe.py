@@ -1,4 +1,4 @@
-"""HC-SMoE as its authors run it (ALGORITHMS.md §4.1, §7.5): statistics, features, clustering, merge weights."""
+"""HC-SMoE as its authors run it (docs/algorithms.md#hcsmoe): statistics, features, clustering, merge weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Expert merging (ALGORITHMS.md §1, §4.1–4.3, §7.1, §7.2, §7.5): remapped block, ops, methods, export."""
+"""Expert merging (docs/algorithms.md: mergemoe, hcsmoe, msmoe, zipit,
+average): remapped block, ops, methods, export."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _make_identical(view, groups):
                     view.experts.down_proj_bias[j] = view.experts.down_proj_bias[members[0]]
 
 
-# ---------------------------------------------------------------- remapped block (§7.1)
+# ---------------------------------------------------------------- remapped block (docs/algorithms.md#remapped-block)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remap_identity_is_stock_bit_for_bit(family):
     model, view, _ = _layer(family)
@@ -79,7 +80,7 @@ def test_remap_two_identical_experts_on_one(family):
     assert stored == 7 and routed == 7 * active // view.top_k
 
 
-# ---------------------------------------------------------------- ops (§7.2, §7.5)
+# ---------------------------------------------------------------- ops (docs/algorithms.md: mergemoe, msmoe)
 def test_grouping_extremes_and_weights():
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(8, 20, generator=gen)
@@ -143,7 +144,7 @@ def test_pinv_solution_matches_lstsq_and_ridge_converges():
     torch.testing.assert_close(w_ridge, ref, atol=1e-7, rtol=1e-7)
 
 
-# ---------------------------------------------------------------- MergeMoE (§7.2)
+# ---------------------------------------------------------------- MergeMoE (docs/algorithms.md#mergemoe)
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_mergemoe_down_projection_is_the_least_squares_optimum(family):
     _, view, stats = _layer(family, tokens=512)
@@ -188,7 +189,8 @@ def test_mergemoe_with_stacked_identities_is_msmoe_average(family):
 @pytest.mark.parametrize("method", MERGERS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identical_experts_merge_to_identical_outputs(family, method):
-    """All experts identical -> whatever the grouping, every merged expert is that expert (§7.2, §7.5)."""
+    """All experts identical -> whatever the grouping, every merged expert is that expert
+    (docs/algorithms.md: mergemoe, hcsmoe)."""
     _, view, stats = _layer(family, tokens=256)
     x = torch.randn(48, view.hidden_size)
     with torch.no_grad():

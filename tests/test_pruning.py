@@ -1,4 +1,4 @@
-"""Pruning methods x architectures: compress -> save -> plain from_pretrained -> same logits (§7.6)."""
+"""Pruning methods x architectures: compress -> save -> plain from_pretrained -> same logits (docs/algorithms.md#frequency)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The (method x architecture) table of DESIGN.md §3.7, driven by the registry.
+"""The (method x architecture) table of docs/design.md#method-tests, driven by the registry.
 
 Every registered method runs on every supported family through the public API only:
 `moepress.compress(path, ...)` -> `result.save(out)` -> load with plain transformers and with
@@ -126,7 +126,7 @@ def test_offloaded_run_saves_the_in_memory_result(method, family, tiny_checkpoin
 
 
 def test_design_method_names_stay_registered():
-    """DESIGN.md §1: these registry keys are a contract users' scripts call as written."""
+    """docs/design.md#method-names: these registry keys are a contract users' scripts call as written."""
     contract = {"frequency", "reap", "naee", "average", "msmoe", "hcsmoe", "zipit", "mergemoe", "d2moe",
                 "compressed_experts"}
     assert contract <= set(METHODS)

@@ -1,6 +1,6 @@
 """moepress: compress Mixture-of-Experts LLMs and prove what it cost.
 
-Public API (DESIGN.md §1): `compress`, `load`, `evaluate`, `methods`; also `quantize`, `replay`.
+Public API (docs/design.md#python-api): `compress`, `load`, `evaluate`, `methods`; also `quantize`, `replay`.
 
 The names are resolved on first use (PEP 562), so `import moepress.cli` stays free of torch and
 `moepress --help` or an argument error answers at once.

@@ -1,4 +1,4 @@
-"""The Python API of DESIGN.md §1: `compress`, `load`, `methods`, and the result object.
+"""The Python API of docs/design.md#python-api: `compress`, `load`, `methods`, and the result object.
 
 Every decision about how a run goes is taken here, once, for the CLI and for Python callers
 alike: where the output goes (checked before any work), whether decoder layers stream from disk

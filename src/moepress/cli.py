@@ -1,4 +1,4 @@
-"""The `moepress` command line (DESIGN.md §1). Thin: check the arguments, call the API, print.
+"""The `moepress` command line (docs/design.md#commands). Thin: check the arguments, call the API, print.
 
 First contact is fast: this module imports neither torch nor moepress's heavy modules at load
 time (`moepress --help` answers at once), and each command checks its arguments with

@@ -1,4 +1,4 @@
-"""Data-parallel calibration on torch.distributed (DESIGN.md §2 "pipeline").
+"""Data-parallel calibration on torch.distributed (docs/design.md#pipeline).
 
 Every calibration statistic is a sum over tokens, so ranks that each hold a shard of the
 calibration sequences agree on it after an all-reduce (gloo on CPU, NCCL on GPUs). These helpers

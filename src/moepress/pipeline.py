@@ -1,10 +1,10 @@
-"""The layer-wise loop (DESIGN.md §2): onload layer -> statistics -> method -> propagate -> offload.
+"""The layer-wise loop (docs/design.md#pipeline): onload layer -> statistics -> method -> propagate -> offload.
 
 Calibration hidden states are captured at the input of decoder layer 0, then every layer is run
 on them in turn. At an MoE layer the block's inputs (post-attention-norm hidden states) are
 collected, the method compresses the block, and the *compressed* layer produces the next layer's
 inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_scale.py` propagates
-through the original model instead — ALGORITHMS.md §6 asks us to record which: moepress.json
+through the original model instead — docs/algorithms.md#propagation asks us to record which: moepress.json
 records `propagation`). `propagation="original"` runs the source layer instead (one forward
 giving the block's inputs and the next layer's), so every statistic is that of the uncompressed
 model and reusable from the statistics cache (`stats_cache.py`) by any ratio or method; it is

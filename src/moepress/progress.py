@@ -1,4 +1,4 @@
-"""What long stages show on stderr: progress bars (DESIGN.md §1: layer i/N and ETA; `--quiet`
+"""What long stages show on stderr: progress bars (docs/design.md#progress: layer i/N and ETA; `--quiet`
 silences them), one-line errors and warnings, and no library noise.
 
 Rich bars on stderr, so a command's printed results on stdout stay clean. Both bar helpers yield a
@@ -23,7 +23,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def is_printing_process() -> bool:
-    """True in a single process and on rank 0 of a `torchrun` launch (DESIGN.md §1: rank 0 is the
+    """True in a single process and on rank 0 of a `torchrun` launch (docs/design.md#torchrun: rank 0 is the
     only rank that prints). Read from torchrun's RANK variable, so it holds before the process group
     is joined and without importing torch."""
     try:

@@ -1,4 +1,4 @@
-"""Weight-only quantization of routed experts, after compression or alone (DESIGN.md §1 `--quantize`).
+"""Weight-only quantization of routed experts, after compression or alone (docs/design.md#flags `--quantize`).
 
 The numerics are torchao's (`torchao.quantization.quant_primitives`, pinned in pyproject.toml):
 - int8: `choose_qparams_affine(MappingType.SYMMETRIC)` + `quantize_affine`, block size one output

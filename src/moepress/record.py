@@ -1,4 +1,4 @@
-"""The `moepress.json` record beside every checkpoint (DESIGN.md §1): names, versions, stage figures.
+"""The `moepress.json` record beside every checkpoint (docs/design.md#record): names, versions, stage figures.
 
 The record is a plain dict built once by the code that produced the result (`api.compress`,
 `api.finetune_checkpoint`) and written once, by `export.save_checkpoint`, inside the temporary

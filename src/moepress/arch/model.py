@@ -83,7 +83,7 @@ def set_model_expert_count(model: nn.Module, count: int) -> None:
 
 
 def parameter_counts(model: nn.Module) -> dict:
-    """Parameter accounting used in every report (ALGORITHMS.md §6: always report both ratios).
+    """Parameter accounting used in every report (docs/algorithms.md#parameter-accounting: always report both ratios).
 
     Returns a dict:
         total: every parameter once (tied embeddings counted once);

@@ -1,6 +1,6 @@
 """Tiny random-weight configs of every supported family: plumbing for tests, demos and benchmarks.
 
-Random weights prove plumbing, never quality (DESIGN.md §4).
+Random weights prove plumbing, never quality (docs/design.md#evidence).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The uniform view of one MoE layer (DESIGN.md §2 "arch: the MoE layer view").
+"""The uniform view of one MoE layer (docs/design.md#arch).
 
 transformers 5 stores routed experts as fused 3-D parameters. `MoELayerView` exposes them per
 expert in one convention whatever the family:

@@ -1,4 +1,4 @@
-"""Per-layer calibration statistics, computed once and cached (DESIGN.md §2 "pipeline").
+"""Per-layer calibration statistics, computed once and cached (docs/design.md#pipeline).
 
 `LayerStatistics` holds the flat inputs of one MoE layer on the calibration tokens (a list of
 `[t, H]` batches, the post-attention-norm hidden states; packing means no padding token is ever

@@ -1,4 +1,4 @@
-"""The method interface and the registry (DESIGN.md §2 "methods: one package each").
+"""The method interface and the registry (docs/design.md#methods).
 
 A method is a class with a typed config dataclass. The pipeline calls, in order:
 `prepare(model, calibration, store)` once (model-level statistics such as Fisher), then for every MoE
@@ -34,7 +34,7 @@ class ConfigError(InputError):
 class MethodConfig:
     """Fields every method shares. Subclasses add their own fields, each with `metadata={"help": ...}`.
 
-    ratio: fraction of routed-expert parameters removed in the compressed layers (DESIGN.md §1);
+    ratio: fraction of routed-expert parameters removed in the compressed layers (docs/design.md#ratio);
         for `compressed_experts` the fraction of each token's activated experts replaced.
     experts: number of routed experts to keep per layer (merging/pruning; replaces `ratio`).
     """

@@ -1,6 +1,6 @@
 """Least-squares refit of a compressed layer's down projections against what the layer must output.
 
-MergeMoE (ALGORITHMS.md §1.2 step 5) refits each merged expert's down projection so that its output
+MergeMoE (docs/algorithms.md#mergemoe, step 4) refits each merged expert's down projection so that its output
 matches the frequency-weighted average of its members' outputs on every token routed to the cluster.
 That target ignores the routing weights: on a token that chose one member with weight 0.1, the
 merged expert still has to produce the full average of all members, although the layer only ever
@@ -20,7 +20,7 @@ Both solve with `ops.least_squares` for the *change* of each down projection fro
 value (the frequency average for merged experts, the expert's own for kept ones): pinv gives the
 minimum-norm change, ridge pulls toward a prior W0 (`solve_normal_equations`). Eq. 6's plain `P†`
 gives the minimum-norm W instead, which zeroes every direction the calibration tokens leave
-unexcited — harmless with many tokens, a collapse with few (ALGORITHMS.md §1.3, Fig. 4).
+unexcited — harmless with many tokens, a collapse with few (docs/algorithms.md#mergemoe; the paper's Fig. 4).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ we store 2H + I numbers per expert instead of 3H (the paper's Phi count `2*4096 
 All vectors start at one, so before training the block equals top-`k_main` routing with the
 original weights.
 
-Optional *auxiliary mini-experts* (`aux_width=r`, our addition, not in the paper; ALGORITHMS.md §3
+Optional *auxiliary mini-experts* (`aux_width=r`, our addition, not in the paper; docs/algorithms.md#compressed_experts
 notes the paper has no training-free variant): each expert i also owns a width-`r` SwiGLU
 `m_i(x) = D_i g(G_i x, U_i x) + b_i` (`aux_gate_up [N, 2r, H]` gate rows first,
 `aux_down [N, H, r]`, `aux_bias [N, H]`; `aux_gate_up_bias [N, 2r]` for families with expert

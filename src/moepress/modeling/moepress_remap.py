@@ -1,7 +1,7 @@
 """The remapped MoE block: the model's own N-way router, N experts mapped onto M merged experts.
 
 Ships inside checkpoints (torch + transformers only). Used by the merging methods (MergeMoE,
-M-SMoE, HC-SMoE, ZipIt, average; ALGORITHMS.md §1.1 matrix A, §5 "remapped MoE block").
+M-SMoE, HC-SMoE, ZipIt, average; docs/algorithms.md#remapped-block).
 
 Forward for flat tokens x [T, H]: the router gives top-k `(weights, index)` over the N original
 experts; `expert_map[index]` names the merged expert of each choice; the routing weights of

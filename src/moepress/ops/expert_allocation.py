@@ -1,4 +1,4 @@
-"""Non-uniform expert pruning counts across layers (MoE-I² stage 1, "layer importance"; §4.7).
+"""Non-uniform expert pruning counts across layers (MoE-I² stage 1, "layer importance"; docs/algorithms.md#moe_i2).
 
 Each layer l has a removal cost per expert `c_lj` (how much the layer output changes when expert j
 alone is removed). Pruning `k` experts of layer l is charged `C_l(k)` = the sum of its k smallest

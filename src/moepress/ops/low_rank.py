@@ -1,4 +1,4 @@
-"""Low-rank expert budgets for MoE-I² (Yang et al. 2024, arXiv 2411.01016; ALGORITHMS.md §4.7).
+"""Low-rank expert budgets for MoE-I² (Yang et al. 2024, arXiv 2411.01016; docs/algorithms.md#moe_i2).
 
 One SwiGLU expert has three projections, gate and up `[I, H]` and down `[H, I]`. Stored at rank r
 each as `U [out, r] · V [r, in]`, it costs `3 r (H + I)` parameters instead of `3 H I`.

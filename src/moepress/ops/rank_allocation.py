@@ -1,8 +1,8 @@
 """Parameter accounting and rank allocation for D²-MoE (paper §3.3 / Appendix Table 12, `cal_params.py`).
 
-Two conventions (ALGORITHMS.md §2.2, §6):
+Two conventions (docs/algorithms.md: rank-allocation, parameter-accounting):
 
-- **experts** (moepress default, DESIGN.md §1): `ratio` = fraction of the routed-expert parameters
+- **experts** (moepress default, docs/design.md#ratio): `ratio` = fraction of the routed-expert parameters
   of each compressed layer removed. We count what is actually stored: the base with its
   statically pruned channels removed (the dynamically pruned half is stored, it is chosen per
   batch) plus every expert's low-rank factors (plus any per-expert biases).

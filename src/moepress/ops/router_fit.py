@@ -2,7 +2,7 @@
 
 A merged layer's exact routing keeps the N-way router and sums the weights of a cluster's members
 (MergeMoE §3, matrix A). A stock checkpoint needs an M-row router instead; this is an approximation
-(ALGORITHMS.md §1.4 (b)), fitted by least squares on the calibration inputs:
+(docs/algorithms.md#router-fitting), fitted by least squares on the calibration inputs:
 
 - softmax routers (Mixtral, Qwen, OLMoE, DeepSeek-V2, PhiMoE, gpt-oss): target logits are the log
   of the cluster-summed softmax probabilities, `t_i(x) = log Σ_{j∈C_i} softmax(z(x))_j`, centred per

@@ -1,4 +1,4 @@
-"""Expert saliency scores for pruning (ALGORITHMS.md §4.4, §4.5, §7.6)."""
+"""Expert saliency scores for pruning (docs/algorithms.md: saliency, reap, naee)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compressed Experts (He, Liu, Liang, Awadalla 2025; ALGORITHMS.md §3)."""
+"""Compressed Experts (He, Liu, Liang, Awadalla 2025; docs/algorithms.md#compressed_experts)."""
 
 from ..base import register_method
 from .config import CompressedExpertsConfig

@@ -1,4 +1,4 @@
-"""Options of the Compressed Experts method (ALGORITHMS.md §3)."""
+"""Options of the Compressed Experts method (docs/algorithms.md#compressed_experts)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..base import ConfigError, MethodConfig
 @dataclass
 class CompressedExpertsConfig(MethodConfig):
     """`ratio` here is the fraction of each token's activated experts replaced by compressed
-    vectors (0.5 on a top-4 model = 2 main + 2 compressed; DESIGN.md §1). `n_ce` (experts
+    vectors (0.5 on a top-4 model = 2 main + 2 compressed; docs/design.md#ratio). `n_ce` (experts
     replaced) or `k_main` (experts kept) may be given instead; at most one of the three.
     Default when none is given: half, as in the paper (top-8 -> 4 + 4, top-2 -> 1 + 1).
     """

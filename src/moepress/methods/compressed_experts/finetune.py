@@ -1,4 +1,5 @@
-"""A short fine-tuning loop for moepress results, made for Compressed Experts (ALGORITHMS.md §3.2).
+"""A short fine-tuning loop for moepress results, made for Compressed Experts
+(docs/algorithms.md#compressed_experts-fine-tuning).
 
 The paper learns the compressed vectors with full supervised fine-tuning (TRL SFTTrainer, packed
 text, AdamW, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs). Here, on packed plain text:
@@ -61,7 +62,8 @@ RECIPES: dict[str, dict] = {
     "distill": {"train": "vectors", "steps": 200, "adam_beta2": 0.95, "distill": True, "lr": 3e-3, "aux_lr": 1e-3},
     # The previous default: the same parameters on next-token cross-entropy, lr 1e-2.
     "vectors": {"train": "vectors", "steps": 200, "adam_beta2": 0.95, "distill": False, "aux_lr": 1e-3},
-    # ALGORITHMS.md §3.2, the released run_sft.py: TRL SFTTrainer on packed text, the whole model
+    # docs/algorithms.md#compressed_experts-fine-tuning; the released run_sft.py: TRL SFTTrainer on
+    # packed text, the whole model
     # with the vectors, lr 2e-5, cosine schedule, warmup ratio 0.03, 2 epochs, batch 8, and the HF
     # Trainer's AdamW defaults (betas 0.9/0.999, no weight decay, gradient norm clipped at 1).
     # Not reproduced: bf16 and gradient checkpointing (memory savers; we train in the model's dtype).
@@ -88,7 +90,7 @@ class FinetuneConfig:
 
     recipe: str = field(default="distill", metadata={
         "help": "distill (compressed experts only, KL to the original top-k model, 200 steps) | vectors (the same "
-                "on next-token loss, lr 1e-2) | paper (whole model, lr 2e-5, 2 epochs, ALGORITHMS.md §3.2)"})
+                "on next-token loss, lr 1e-2) | paper (whole model, lr 2e-5, 2 epochs, docs/algorithms.md#compressed_experts-fine-tuning)"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: from the recipe)"})
     epochs: float | None = field(default=None, metadata={"help": "passes over the data instead of --steps"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})

@@ -1,4 +1,4 @@
-"""Options of D²-MoE (ALGORITHMS.md §2). Recorded as-is in moepress.json."""
+"""Options of D²-MoE (docs/algorithms.md#d2moe). Recorded as-is in moepress.json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""D²-MoE (Gu et al., ICML 2025; ALGORITHMS.md §2): per layer and projection, a shared base merged
+"""D²-MoE (Gu et al., ICML 2025; docs/algorithms.md#d2moe): per layer and projection, a shared base merged
 with Fisher × frequency weights, per-expert deltas compressed by whitened (truncation-aware) SVD,
 and semi-dynamic structured pruning of the base's intermediate channels.
 

@@ -9,7 +9,7 @@ ALLOCATIONS = ("importance", "uniform")
 
 @dataclass
 class MoEI2Config(MethodConfig):
-    """MoE-I² options (ALGORITHMS.md §4.7). `ratio` = fraction of routed-expert parameters removed."""
+    """MoE-I² options (docs/algorithms.md#moe_i2). `ratio` = fraction of routed-expert parameters removed."""
 
     expert_share: float = field(default=0.5, metadata={
         "help": "share of the removed parameters taken by stage 1 (expert pruning); the rest by "

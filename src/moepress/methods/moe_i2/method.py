@@ -1,4 +1,4 @@
-"""MoE-I² (Yang et al. 2024, arXiv 2411.01016; ALGORITHMS.md §4.7): inter-expert pruning with
+"""MoE-I² (Yang et al. 2024, arXiv 2411.01016; docs/algorithms.md#moe_i2): inter-expert pruning with
 non-uniform per-layer counts, then intra-expert low-rank decomposition of the surviving experts.
 
 1. Stage 1, which experts: every expert's importance is the layer-output error of removing it
@@ -17,8 +17,8 @@ non-uniform per-layer counts, then intra-expert low-rank decomposition of the su
    (modeling/moepress_lowrank.py) via auto_map.
 
 Deviations from the paper, and why:
-- The paper's text was not available to us beyond its abstract (ALGORITHMS.md §4.7 marks the
-  details "from abstract/knowledge"), so the split of the ratio between the stages
+- The paper's text was not available to us beyond its abstract (docs/algorithms.md#moe_i2 says
+  so), so the split of the ratio between the stages
   (`expert_share`, default 0.5), the allocation of per-layer counts from importance, and the rank
   allocation above are moepress's reading of "layer-importance-aware non-uniform pruning" and
   "importance-based rank allocation", not a verified transcription.

@@ -8,7 +8,7 @@ from ..base import ConfigError, MethodConfig
 
 @dataclass
 class MoEPrunerConfig(MethodConfig):
-    """MoE-Pruner options (ALGORITHMS.md §4.6). `ratio` = fraction of routed-expert weights zeroed."""
+    """MoE-Pruner options (docs/algorithms.md#moe_pruner). `ratio` = fraction of routed-expert weights zeroed."""
 
     pattern: str = field(default="unstructured", metadata={
         "help": "unstructured: per output row drop the lowest scores; N:M (e.g. 2:4): keep the N best "

@@ -1,4 +1,4 @@
-"""MoE-Pruner (Xie et al. 2024, arXiv 2410.12013; ALGORITHMS.md §4.6): one-shot pruning of expert
+"""MoE-Pruner (Xie et al. 2024, arXiv 2410.12013; docs/algorithms.md#moe_pruner): one-shot pruning of expert
 weights scored by magnitude × router-weighted input activation norm (ops/moe_pruner.py).
 
 Every routed expert keeps its shape; the lowest-scoring weights of each output row are set to zero
@@ -9,7 +9,7 @@ routed-expert weights zeroed; each layer record reports `routed_nonzero`, the no
 
 Scope and deviations, and why:
 - Only routed experts are pruned (gate, up, down weights; biases stay dense), because `--ratio` is
-  defined over routed-expert parameters (DESIGN.md §1). Attention, routers and shared experts are
+  defined over routed-expert parameters (docs/design.md#ratio). Attention, routers and shared experts are
   left dense.
 - Statistics: gate and up score their input x, down scores the expert's intermediate activation
   h(x), all from the unpruned layer on the tokens routed to the expert, each token weighted by the

@@ -7,7 +7,7 @@ from ..base import ConfigError, MethodConfig
 
 @dataclass
 class NaeeConfig(MethodConfig):
-    """NAEE options (ALGORITHMS.md §4.5)."""
+    """NAEE options (docs/algorithms.md#naee)."""
 
     max_subsets: int = field(default=5000, metadata={
         "help": "enumerate all C(N, M) subsets up to this many; above it use greedy backward elimination"})

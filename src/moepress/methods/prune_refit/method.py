@@ -9,7 +9,7 @@ tokens under the pruned routing (`methods/down_refit.py` `fit_layer_output`, blo
     min_{W_1..W_M} Σ_t ‖ Σ_{i∈topk'(t)} g'_i(t) (W_i h_i(x_t) + b_i) − Σ_{j∈topk(t)} g_j(t) E_j(x_t) ‖²
                    + λ' Σ_i ‖W_i − W_i^kept‖²
 
-This is MergeMoE's output merging (§1.2 step 5: absorb other experts' outputs into a down
+This is MergeMoE's output merging (docs/algorithms.md#mergemoe step 4: absorb other experts' outputs into a down
 projection by least squares) with pruning's routing: a pruned expert's tokens go, token by token,
 to the experts the router ranks next (not to one fixed cluster centre), and those experts learn
 to produce what the pruned expert used to add. The ridge pulls toward the kept expert's own down

@@ -7,7 +7,7 @@ from ..base import MethodConfig
 
 @dataclass
 class ReapConfig(MethodConfig):
-    """REAP options (ALGORITHMS.md §4.4)."""
+    """REAP options (docs/algorithms.md#reap)."""
 
     renormalize: bool | None = field(default=None, metadata={
         "help": "gate values: true = router scores renormalised over the top-k (REAP's flag), "

@@ -1,4 +1,4 @@
-"""REAP's statistic (Lasby et al. 2025; ALGORITHMS.md §4.4): router-weighted expert output norms.
+"""REAP's statistic (Lasby et al. 2025; docs/algorithms.md#reap): router-weighted expert output norms.
 
 `stats["reap"]` is the saliency with the model's own routing weights; `reap_sums` also serves
 REAP's `renormalize_router_weights` variants, which gather router scores at the top-k.
@@ -14,7 +14,7 @@ from ...ops.saliency import reap_batch_sums, reap_saliency, routed_gate_values
 
 @torch.no_grad()  # a statistic: the expert forwards must not record autograd graphs (nor hand on requires_grad)
 def reap_sums(stats: LayerStatistics, renormalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream `Σ_x g_j(x)·||E_j(x)||_2` and routed-token counts per expert (REAP, ALGORITHMS.md §4.4).
+    """Stream `Σ_x g_j(x)·||E_j(x)||_2` and routed-token counts per expert (REAP, docs/algorithms.md#reap).
 
     `renormalize`: None = the model's own routing weights; True/False = router scores gathered at
     the top-k, renormalised over it or not (REAP's `renormalize_router_weights`).
