@@ -192,6 +192,21 @@ def check_report_dir(out: str | Path, source: str | Path | None) -> None:
                           f"choose an --out outside it")
 
 
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of one safetensors file (8-byte little-endian length, then the header): every
+    tensor's dtype, shape and data offsets, without reading any tensor. OSError / ValueError when the
+    file cannot be read or is not safetensors."""
+    with Path(path).open("rb") as fh:
+        return json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+
+
+def safetensors_data_bytes(path: str | Path) -> int:
+    """Bytes of tensor data in one safetensors file: the file less its 8-byte length and its header."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        return path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+
+
 def safetensors_keys(directory: str | Path) -> dict[str, str]:
     """`{tensor name: file name}` of a model directory's safetensors files, from their headers only
     ({} for anything that is not a local model directory)."""
@@ -201,8 +216,7 @@ def safetensors_keys(directory: str | Path) -> dict[str, str]:
         return out
     for path in sorted(folder.glob("*.safetensors")):
         try:
-            with path.open("rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            header = safetensors_header(path)
         except (OSError, ValueError):
             continue
         out.update({key: path.name for key in header if key != "__metadata__"})

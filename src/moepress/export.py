@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .arch import decoder_layers, family_of, is_stock_moe_block
-from .checks import ExportError, OutputDir, check_output_dir  # noqa: F401 (re-exported)
+from .checks import ExportError, OutputDir, check_output_dir, safetensors_data_bytes  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
 from .modeling.moepress_layout import to_hub_layout, use_hub_layout_on_save
 from .model_card import model_card
@@ -140,19 +140,12 @@ def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
     save_file(rest, str(tmp / "model-rest.safetensors"), metadata={"format": "pt"})
     weight_map = {k: "model-rest.safetensors" for k in rest}
     weight_map.update(store.hand_over(tmp, lambda state: to_hub_layout(model, state)))
-    total = sum(_tensor_bytes(tmp / name) for name in set(weight_map.values()))
+    total = sum(safetensors_data_bytes(tmp / name) for name in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-
-
-def _tensor_bytes(path: Path) -> int:
-    """Bytes of tensor data in a safetensors file: the file less its 8-byte length and its header."""
-    with path.open("rb") as fh:
-        header_length = int.from_bytes(fh.read(8), "little")
-    return path.stat().st_size - 8 - header_length
 
 
 def _umask() -> int:

@@ -25,7 +25,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32) -> n
 
     check_model_files(path)
     config = transformers.AutoConfig.from_pretrained(str(path))
-    dtype = resolve_dtype(dtype, path if stored_dtype(path) is not None else config)
+    # a local directory: its stored weights, else its config.json; a hub id: the downloaded config
+    dtype = resolve_dtype(dtype, path if Path(str(path)).expanduser().is_dir() else config)
     if getattr(config, "moepress", None):
         from .modeling import modeling_moepress
 
@@ -117,13 +118,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def stored_dtypes(path: str | Path) -> dict[torch.dtype, int]:
     """Bytes of floating-point tensor data per dtype in a local model directory's safetensors files,
     read from their headers only (no tensor is loaded); empty for a hub id or a directory without them."""
-    import json
+    from .arch.checkpoint import SAFETENSORS_DTYPES
+    from .checks import safetensors_header
 
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -131,31 +130,25 @@ def stored_dtypes(path: str | Path) -> dict[torch.dtype, int]:
     totals: dict[torch.dtype, int] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            with file.open("rb") as fh:
-                length = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(length))
+            header = safetensors_header(file)
         except (OSError, ValueError):
             continue  # a damaged file is reported by check_safetensors_files, not here
         for name, entry in header.items():
-            dtype = _SAFETENSORS_FLOATS.get(entry.get("dtype")) if isinstance(entry, dict) else None
-            if dtype is not None and name != "__metadata__":
+            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
+            if dtype is not None and dtype.is_floating_point:
                 start, end = entry["data_offsets"]
                 totals[dtype] = totals.get(dtype, 0) + end - start
     return totals
 
 
 def tensor_bytes_on_disk(path: str | Path) -> int | None:
-    """Bytes of tensor data in a local model directory's safetensors files (each file less its
-    8-byte length and its header): what the checkpoint's weights take on disk; None when not local."""
+    """Bytes of tensor data in a local model directory's safetensors files: what the checkpoint's
+    weights take on disk; None when not local."""
+    from .checks import safetensors_data_bytes
+
     folder = Path(str(path)).expanduser()
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with file.open("rb") as fh:
-            total += file.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
-    return total
+    return sum(safetensors_data_bytes(file) for file in files) if files else None
 
 
 def stored_dtype(path: str | Path) -> torch.dtype | None:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from .spec import FamilySpec
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -56,10 +56,9 @@ class CheckpointReader:
         """The dtype `key` is stored in (None: not stored under that name, or a dtype not listed here)."""
         if key not in self:
             return None
-        fname = self.weight_map[key]
-        with open(self.path / fname, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        return _SAFETENSORS_DTYPES.get(header[key]["dtype"])
+        from ..checks import safetensors_header
+
+        return SAFETENSORS_DTYPES.get(safetensors_header(self.path / self.weight_map[key])[key]["dtype"])
 
     def _raw(self, key: str) -> torch.Tensor:
         """One tensor read with plain file reads into its own buffer, not through a memory map: the
@@ -73,7 +72,7 @@ class CheckpointReader:
             self._handles[fname] = (fh, 8 + size, json.loads(fh.read(size)))
         fh, start, header = self._handles[fname]
         info = header[key]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:  # a dtype this reader does not know: let safetensors decode it
             with safe_open(self.path / fname, "pt") as st:
                 return st.get_tensor(key).clone()
