@@ -145,9 +145,9 @@ def routing_stages(layer: Layer) -> list[Stage]:
     ):
         method = build_method(name, ratio=layer.args.ratio)
         with measured(layer) as m:
-            for statistic in method.needs:
+            for statistic in method.requirements().statistics:
                 ctx.stats[statistic]
-        rows.append(_stage(f"{'HC-SMoE' if name == 'hcsmoe' else 'M-SMoE'} features {list(method.needs)}", m,
+        rows.append(_stage(f"{'HC-SMoE' if name == 'hcsmoe' else 'M-SMoE'} features {list(method.requirements().statistics)}", m,
                            {model: flops}, formula, name == "hcsmoe"))
     return rows
 

@@ -131,8 +131,8 @@ def test_accounting_counts_the_mini_experts_as_active():
 
 
 def test_options_and_calibration_need():
-    assert not build_method("compressed_experts").needs_calibration  # the paper's method fits nothing
-    assert build_method("compressed_experts", aux_width=0).needs_calibration
+    assert not build_method("compressed_experts").requirements().calibration  # the paper's method fits nothing
+    assert build_method("compressed_experts", aux_width=0).requirements().calibration
     with pytest.raises(ConfigError, match="aux_width must be >= 0"):
         build_method("compressed_experts", aux_width=-1)
     with pytest.raises(ConfigError, match="aux_ridge"):

@@ -108,8 +108,8 @@ def test_default_is_the_authors_default_run():
     method = build_method("hcsmoe", ratio=0.5)
     cfg = method.config
     assert (cfg.cluster, cfg.merge, cfg.propagation, cfg.export) == ("kmeans", "frequency", "original", "custom")
-    assert method.propagation == "original"
-    assert build_method("hcsmoe", ratio=0.5, propagation="compressed").propagation == "compressed"
+    assert method.requirements().propagation == "original"
+    assert build_method("hcsmoe", ratio=0.5, propagation="compressed").requirements().propagation == "compressed"
     assert build_method("hcsmoe", ratio=0.5, cluster="hierarchical").config.linkage == "average"
 
 

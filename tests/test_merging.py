@@ -224,7 +224,7 @@ def test_mergemoe_warns_when_rank_deficient():
 def test_stock_export_keeps_singletons_exact_and_sets_export():
     _, view, stats = _layer("mixtral")
     method = build_method("mergemoe", experts=8, export="stock")
-    assert method.export == "stock" and build_method("mergemoe", ratio=0.5).export == "custom"
+    assert method.requirements().export == "stock" and build_method("mergemoe", ratio=0.5).requirements().export == "custom"
     block = method.compress_layer(LayerContext(view, stats, 0, 1)).block
     assert type(block) is type(view.block) and block.experts.gate_up_proj.shape[0] == 8
     x = torch.randn(48, view.hidden_size)

@@ -160,7 +160,8 @@ def test_prior_average_with_huge_ridge_is_the_frequency_average():
 def test_output_similarity_reads_the_expert_output_statistic():
     _, view, stats = _layer("mixtral")
     method = build_method("mergemoe", experts=4, similarity="output")
-    assert "expert_output_mean" in method.needs and "expert_output_mean" not in build_method("mergemoe", experts=4).needs
+    assert "expert_output_mean" in method.requirements().statistics
+    assert "expert_output_mean" not in build_method("mergemoe", experts=4).requirements().statistics
     method.compress_layer(LayerContext(view, stats, 0, 1))
     assert "expert_output_mean" in stats._cache
 
@@ -218,4 +219,4 @@ def test_prune_refit_keeps_outputs_when_pruned_experts_are_never_routed(tokenize
 def test_prune_refit_select_must_be_a_pruning_method():
     with pytest.raises(ConfigError, match="select must name a pruning method"):
         build_method("prune_refit", ratio=0.5, select="mergemoe")
-    assert build_method("prune_refit", ratio=0.5, select="frequency").needs == ("frequency",)
+    assert build_method("prune_refit", ratio=0.5, select="frequency").requirements().statistics == ("frequency",)

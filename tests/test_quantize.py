@@ -163,13 +163,21 @@ def test_the_cli_quantizes_after_compression_and_alone(tiny_checkpoint, calib_fi
 
 
 # ---------------------------------------------------------------- clear errors
+def test_the_torch_free_choices_are_the_schemes():
+    """The CLI checks --quantize against checks.QUANTIZE_CHOICES before torch loads: the same schemes."""
+    from moepress.checks import QUANTIZE_CHOICES
+    from moepress.quantization import CHOICES
+
+    assert QUANTIZE_CHOICES == CHOICES == ("none", *SCHEMES)
+
+
 def test_bad_quantize_requests_are_clear_errors(tiny_checkpoint, calib_file, tokenizer, tmp_path):
     src = tiny_checkpoint("mixtral")
     with pytest.raises(InputError, match="none, int8, fp8"):
         moepress.compress(tiny_model("mixtral"), "frequency", 0.5, quantize="int4", tokenizer=tokenizer)
     res = runner.invoke(app, ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--quantize", "int4",
                               "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "--quantize must be one of none, int8, fp8" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "quantize must be one of none, int8, fp8" in " ".join(res.output.split())
     res = runner.invoke(app, ["quantize", str(src), "--scheme", "none", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "int8 or fp8" in res.output
     with pytest.raises(InputError, match="without offload"):

@@ -70,12 +70,12 @@ def test_compress_save_reload_same_logits(method, family, tiny_checkpoint, calib
 
     out = result.save(tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
-    custom = result.method.export == "custom"
+    custom = result.record["export"] == "custom"
     assert ("auto_map" in config) == custom and ("moepress" in config) == custom
     assert config["architectures"][0].startswith("Moepress") == custom  # what serving engines build
     record = json.loads((out / "moepress.json").read_text())
     assert record["method"] == method and record["family"] == family
-    if result.method.needs_calibration:
+    if result.requirements.calibration:
         assert record["calibration"]["tokens"] == CALIBRATION["samples"] * CALIBRATION["seq_len"]
     else:  # e.g. compressed_experts: nothing is measured, so no calibration text is read
         assert record["calibration"] is None
@@ -112,14 +112,14 @@ def test_offloaded_run_saves_the_in_memory_result(method, family, tiny_checkpoin
     options = {**DEFAULT_OPTIONS, **OPTIONS.get(method, {})}
     src = tiny_checkpoint(family)
     # Whether a method needs the resident model may depend on its options (moe_i2's allocation).
-    if build_method(method, **options).requires_resident_model:
+    if build_method(method, **options).requirements().resident_model:
         with pytest.raises(ValueError, match="without offload"):
             moepress.compress(src, method, calib=calib_file, offload=tmp_path / "work", **CALIBRATION, **options)
         return
     expected = _logits(moepress.compress(src, method, calib=calib_file, offload=False, **CALIBRATION, **options).model)
     streamed = moepress.compress(src, method, calib=calib_file, offload=tmp_path / "work", **CALIBRATION, **options)
     out = streamed.save(tmp_path / "out")
-    custom = streamed.method.export == "custom"
+    custom = streamed.record["export"] == "custom"
     plain = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
     torch.testing.assert_close(_logits(plain), expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(_logits(moepress.load(out)), expected, atol=ATOL, rtol=0)

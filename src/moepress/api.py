@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import hashlib
+import json
 import shutil
 import tempfile
 import time
@@ -26,16 +28,17 @@ from torch import nn
 from . import distributed, output_lock
 from .arch import family_of, parameter_counts
 from .calib import build_calibration
-from .checks import check_method_quantize
 from .devices import resolve_device
 from .export import OutputDir, check_output_dir, custom_layers, save_checkpoint
-from .loading import check_model_files, dtype_disagreement, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
-from .methods import ConfigError, Method, build_method
-from .layer_plan import build_plan, check_budget, check_method_plan, selection_record
+from .layer_plan import build_plan, selection_record
+from .layer_store import open_streaming
+from .loading import DTYPES, dtype_disagreement, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
+from .methods import ConfigError, Method, Requirements
 from .pipeline import compress_layers
+from .quantization import quantize_experts
 from .record import library_versions, read_record, stage_figures
-from .stats_cache import PROPAGATIONS
-from .stats_cache import resolve as resolve_stats_cache
+from .run import CompressJob
+from .stats_cache import StatsCache
 
 
 @dataclass
@@ -55,6 +58,12 @@ class CompressionResult:
     store: object = None  # StreamingLayers of a bounded-memory run (layers then live on disk)
     out: OutputDir | None = None  # the output location given to `compress`, already checked
     lock: object = None  # rank 0's lock on `out` (output_lock.py), held from `compress` to the end of `save`
+    job: CompressJob | None = None  # the checked run that made it
+
+    @property
+    def requirements(self) -> Requirements:
+        """What the method declared for this run (`Method.requirements()`): e.g. `next_step`."""
+        return self.job.requirements if self.job is not None else self.method.requirements()
 
     @property
     def parameter_counts(self) -> dict:
@@ -68,10 +77,10 @@ class CompressionResult:
         """
         if distributed.is_main_process():
             target = self._output(out, overwrite)
-            export = "custom" if self.record.get("quantization") else self.method.export  # quantized experts
             try:
                 with output_lock.acquire(target.path):
-                    path = save_checkpoint(self.model, target, method_name=self.method.name, export=export,
+                    path = save_checkpoint(self.model, target, method_name=self.method.name,
+                                           export=self.record["export"],
                                            record=self.record, tokenizer=self.tokenizer, source=self.source,
                                            store=self.store, timed_stage="save")
             finally:
@@ -149,10 +158,23 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     (moepress/distributed.py); call `save` on every rank (rank 0 writes).
     Returns: a `CompressionResult`; call `.save(out)`.
     """
+    job = CompressJob.build(model, method, ratio, experts=experts, calib=calib, samples=samples, seq_len=seq_len,
+                            seed=seed, batch_size=batch_size, tokenizer=tokenizer, dtype=dtype, offload=offload,
+                            out=out, overwrite=overwrite, device=device, hidden_on=hidden_on, quantize=quantize,
+                            layers=layers, budget=budget, budget_floor=budget_floor, stats_cache=stats_cache,
+                            propagate=propagate, **options)
+    return run_job(job, progress=progress, log=log)
+
+
+def run_job(job: CompressJob, *, progress=None, log=None) -> CompressionResult:
+    """Run a checked `CompressJob` (`compress` builds one from its arguments; the CLI builds its own).
+
+    progress: optional `progress(done, total, description)` after each layer (None/False: none);
+    log: optional `log(message)` for notices. Returns a `CompressionResult`; call `.save()`."""
     t_start = time.perf_counter()
     log = log or (lambda message: None)
-    torch.manual_seed(seed)
-    compute_device = resolve_device(device)
+    torch.manual_seed(job.calibration.seed)
+    compute_device = torch.device(job.device)
     joined_before = distributed.world_size() > 1
     if distributed.init_from_environment(compute_device) and not joined_before:
         atexit.register(distributed.shutdown)  # a gloo rank that exits inside its group aborts
@@ -160,32 +182,15 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         progress = None  # one progress display per run, rank 0's (False = none, as finetune's)
     if progress is not None and not callable(progress):
         raise ConfigError("progress must be None/False or a callable progress(done, total, description)")
-    method_obj = build_method(method, ratio=ratio, experts=experts, **options)
-    scheme = _quantize_scheme(quantize, offload)
-    check_method_quantize(method_obj.name, scheme)
-    if scheme is not None:
-        offload = False
-    check_budget(budget, budget_floor)
-    check_method_plan(method_obj, layers, budget)
-    plan_options = {"layers": layers, "budget": budget, "floor": budget_floor}
-    source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
-    target = check_output_dir(out, source, overwrite) if out is not None else None
-    if isinstance(model, (str, Path)):
-        check_model_files(model)
-    out_dtype = resolve_dtype(dtype, model)
-    propagate = propagate or method_obj.propagation  # None: the method's own (HC-SMoE: "original")
-    if propagate not in PROPAGATIONS:
-        raise ConfigError(f"propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
-    cache = resolve_stats_cache(stats_cache, log) if method_obj.needs_calibration else None
+    cache = StatsCache(job.stats_cache, log=log) if job.stats_cache is not None else None
     t0 = time.perf_counter()
+    target = job.out
     lock = output_lock.acquire(target.path, main_process=distributed.is_main_process()) if target else None
     try:
-        work = _work_dir(offload, model, method_obj, target)
+        work = _work_dir(job)
         temporary = work is not None and work[1] and target is None
         with _drop_unused_work_dir(work, temporary):
-            result = _compress(model, method_obj, source, target, work, out_dtype, tokenizer, calib, samples,
-                               seq_len, seed, batch_size, progress, log, t_start, t0, compute_device, hidden_on,
-                               scheme, plan_options, cache, propagate)
+            result = _compress(job, work, progress, log, t_start, t0, cache)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -194,17 +199,6 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
     if temporary and distributed.is_main_process():  # nobody can resume from it: it goes with an unsaved result
         weakref.finalize(result, shutil.rmtree, str(work[0]), True)
     return result
-
-
-def _quantize_scheme(quantize, offload) -> str | None:
-    """The quantization scheme of a compress call (None = none); checked before any work."""
-    from .quantization import check_scheme
-
-    scheme = check_scheme(quantize)
-    if scheme is not None and not (offload is False or (isinstance(offload, str) and offload == "auto")):
-        raise ConfigError("quantize needs the compressed model in memory: run it without offload "
-                          "(offload=False / --no-offload, or the default)")
-    return scheme
 
 
 @contextlib.contextmanager
@@ -221,23 +215,24 @@ def _drop_unused_work_dir(work: tuple[Path, bool] | None, temporary: bool = Fals
         raise
 
 
-def _compress(model, method_obj: Method, source, target, work, out_dtype, tokenizer, calib, samples, seq_len, seed,
-              batch_size, progress, log, t_start: float, t0: float, compute_device: torch.device,
-              hidden_on: str, quantize: str | None = None, plan_options: dict | None = None, cache=None,
-              propagate: str | None = None) -> CompressionResult:
-    """The body of `compress` once its arguments are checked (see there)."""
-    model_obj, tok, store = _open_model(model, method_obj, tokenizer, work, out_dtype)
+def _compress(job: CompressJob, work, progress, log, t_start: float, t0: float, cache=None) -> CompressionResult:
+    """The body of `run_job` once the output is locked (see there)."""
+    method = job.new_method()
+    needs = job.requirements
+    out_dtype = DTYPES[job.dtype]
+    compute_device = torch.device(job.device)
+    model_obj, tok, store = _open_model(job, work)
     stages = {"load": stage_figures(t0)}
-    calibration = _calibrate(method_obj, model_obj, tok, calib, samples, seq_len, seed, stages)
+    calibration = _calibrate(job, model_obj, tok, stages)
     _check_shards(calibration)
     t0 = time.perf_counter()
-    plan = build_plan(model_obj, method_obj, calibration, store=store, batch_size=batch_size, device=compute_device,
-                      **(plan_options or {}))
+    plan = build_plan(model_obj, method, calibration, store=store, batch_size=job.calibration.batch_size,
+                      device=compute_device, layers=job.selection.layers, budget=job.selection.budget,
+                      floor=job.selection.floor)
     if plan.budget == "auto":
         stages["sensitivity"] = stage_figures(t0)
     if store is not None:
-        resumed = store.resume(_run_key(source, method_obj, calibration, batch_size, out_dtype, plan.key(),
-                                        propagate))
+        resumed = store.resume(_run_key(job, calibration, plan.key()))
         stages.get("calibration", stages["load"])["resumed_layers"] = resumed
         if resumed:
             log(f"resumed: {resumed} finished layer(s) reused from {store.work_dir}")
@@ -246,62 +241,65 @@ def _compress(model, method_obj: Method, source, target, work, out_dtype, tokeni
                 f"or calibration)")
     before = parameter_counts(model_obj)
     t0 = time.perf_counter()
-    records = compress_layers(model_obj, method_obj, calibration, batch_size=batch_size, progress=progress,
-                              store=store, device=compute_device, hidden_on=hidden_on, plan=plan,
-                              stats_cache=cache, propagation=propagate)
+    records = compress_layers(model_obj, method, calibration, batch_size=job.calibration.batch_size,
+                              progress=progress, store=store, device=compute_device, hidden_on=job.hidden_on,
+                              plan=plan, stats_cache=cache,
+                              propagation=job.propagation if needs.calibration else None)
+    finalized = method.finalize(model_obj, records)
     stages["compress"] = stage_figures(t0)
     if store is not None:
         _refuse_forward_on_disk_layers(model_obj)
     model_obj.to(out_dtype)
     model_obj.config.dtype = out_dtype
     quantization = None
-    if quantize is not None:
-        from .quantization import quantize_experts
-
+    if job.quantize is not None:
         t0 = time.perf_counter()
-        quantization = quantize_experts(model_obj, quantize)
+        quantization = quantize_experts(model_obj, job.quantize)
         stages["quantize"] = stage_figures(t0)
+    after = parameter_counts(model_obj)
     record = {
         "moepress_record": 1,
-        "method": method_obj.name,
-        "config": dataclasses.asdict(method_obj.config),
-        "export": method_obj.export,
-        "source_model": source,
+        "method": job.method,
+        "config": dataclasses.asdict(job.config),
+        # quantized experts live in moepress blocks (auto_map)
+        "export": "custom" if quantization is not None else finalized.export,
+        "source_model": job.source,
         "family": family_of(model_obj).model_type,
         "calibration": calibration.describe() if calibration is not None else None,
-        "seed": seed,
-        "dtype": dtype_name(out_dtype),
-        "source_dtype_note": dtype_disagreement(source),
+        "seed": job.calibration.seed,
+        "dtype": job.dtype,
+        "source_dtype_note": dtype_disagreement(job.source),
         "compute_dtype": "float32",
-        "batch_size": batch_size,
-        "propagation": propagate if calibration is not None else "none",
+        "batch_size": job.calibration.batch_size,
+        "propagation": job.propagation,
         "stats_cache": cache.describe() if cache is not None else None,
         "layers": {str(k): v for k, v in records.items()},
-        "parameters": _parameters_record(before, (after := parameter_counts(model_obj)), records),
+        "parameters": _parameters_record(before, after, records),
         "layer_selection": selection_record(plan, before, after),
         "budget": plan.budget_record(),
         "versions": library_versions(),
         "stages": stages,
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "offload": store is not None,
-        "device": str(compute_device),
+        "device": job.device,
         "world_size": distributed.world_size(),
+        "job": job.describe(),
     }
     if quantization is not None:
         record["quantization"] = quantization
-        record["export"] = "custom"  # quantized experts live in moepress blocks (auto_map)
-    return CompressionResult(model_obj, tok, method_obj, records, record, source, store, target)
+    return CompressionResult(model_obj, tok, method, records, record, job.source, store, job.out, job=job)
 
 
-def _calibrate(method: Method, model: nn.Module, tokenizer, calib, samples: int, seq_len: int | None, seed: int,
-               stages: dict):
+def _calibrate(job: CompressJob, model: nn.Module, tokenizer, stages: dict):
     """The packed calibration set (its stage figures into `stages`), or None for a method that reads none."""
-    if not method.needs_calibration:
+    if not job.requirements.calibration:
         return None
     t0 = time.perf_counter()
+    spec = job.calibration
+    seq_len = spec.seq_len
     if seq_len is None:
         seq_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048)))
-    calibration = build_calibration(tokenizer, calib, samples=samples, seq_len=seq_len, seed=seed)
+    calibration = build_calibration(tokenizer, spec.source, samples=spec.samples, seq_len=seq_len, seed=spec.seed)
     stages["calibration"] = stage_figures(t0)
     return calibration
 
@@ -314,24 +312,14 @@ def _check_shards(calibration) -> None:
                           f"{ranks} ranks; use --samples >= {ranks} (or fewer ranks)")
 
 
-def _work_dir(offload, model, method: Method, target: OutputDir | None) -> tuple[Path, bool] | None:
+def _work_dir(job: CompressJob) -> tuple[Path, bool] | None:
     """`(work directory, created for this run)` of a bounded-memory run, or None for a resident one."""
-    local_dir = isinstance(model, (str, Path)) and Path(str(model)).expanduser().is_dir()
-    if isinstance(offload, str) and offload == "auto":
-        if not local_dir or method.requires_resident_model:
-            return None
-    elif not offload:
+    if not job.streams:
         return None
-    elif not local_dir:
-        raise ConfigError(f"offload reads decoder layers from a local model directory; {model!r} is not one "
-                          f"(use offload=False or 'auto')")
-    elif method.requires_resident_model:
-        raise ConfigError(f"method {method.name!r} needs the whole model in memory (e.g. for gradients); "
-                          f"run it without offload")
-    if offload not in (True, "auto"):
-        return Path(offload), False
-    if target is not None:
-        return target.path.parent / f".{target.path.name}.work", True
+    if isinstance(job.offload, Path):
+        return job.offload, False
+    if job.out is not None:
+        return job.out.path.parent / f".{job.out.path.name}.work", True
     # one directory for all data-parallel ranks: rank 0's
     return Path(distributed.broadcast_object(tempfile.mkdtemp(prefix="moepress-work-")
                                              if distributed.is_main_process() else None)), True
@@ -349,19 +337,18 @@ def _parameters_record(before: dict, after: dict, records: dict) -> dict:
     return out
 
 
-def _open_model(model, method: Method, tokenizer, work: tuple[Path, bool] | None, out_dtype: torch.dtype):
+def _open_model(job: CompressJob, work: tuple[Path, bool] | None):
     """`(model in float32, tokenizer or None, layer store or None)`; the tokenizer is optional for a
     method that reads no calibration text. A model object of another dtype is converted in place
-    (compression edits it in place anyway); streamed layers are written in `out_dtype`."""
+    (compression edits it in place anyway); streamed layers are written in the job's dtype."""
+    needs_text = job.requirements.calibration
     if work is None:
-        model_obj, tok = load_pretrained(model, dtype=torch.float32, tokenizer=tokenizer,
-                                         require_tokenizer=method.needs_calibration)
+        model_obj, tok = load_pretrained(job.model, dtype=torch.float32, tokenizer=job.tokenizer,
+                                         require_tokenizer=needs_text)
         return model_obj.float(), tok, None
-    from .layer_store import open_streaming
-
-    model_obj, store = open_streaming(model, work[0], dtype=torch.float32, owns_work_dir=work[1],
-                                      output_dtype=out_dtype)
-    return model_obj, load_tokenizer(model, tokenizer, required=method.needs_calibration), store
+    model_obj, store = open_streaming(job.model, work[0], dtype=torch.float32, owns_work_dir=work[1],
+                                      output_dtype=DTYPES[job.dtype])
+    return model_obj, load_tokenizer(job.model, job.tokenizer, required=needs_text), store
 
 
 def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
@@ -373,16 +360,14 @@ def _refuse_forward_on_disk_layers(model: nn.Module) -> None:
     model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
-def _run_key(source, method: Method, calibration, batch_size: int, out_dtype: torch.dtype, plan_key=None,
-             propagate: str = "compressed") -> str:
+def _run_key(job: CompressJob, calibration, plan_key=None) -> str:
     """Identity of a run for resuming: same source, method, config, calibration tokens, batching, dtype,
     propagation (and layer plan: selected layers and per-layer counts, when given)."""
-    import hashlib
-    import json
-
     h = hashlib.sha256()
-    h.update(json.dumps([str(source), method.name, dataclasses.asdict(method.config), batch_size, str(out_dtype)]
-                        + ([propagate] if propagate != "compressed" else []), sort_keys=True, default=str).encode())
+    propagate = job.propagation if calibration is not None else "compressed"
+    h.update(json.dumps([str(job.source), job.method, dataclasses.asdict(job.config), job.calibration.batch_size,
+                         f"torch.{job.dtype}"] + ([propagate] if propagate != "compressed" else []),
+                        sort_keys=True, default=str).encode())
     if plan_key is not None:
         h.update(json.dumps(plan_key, default=str).encode())
     if calibration is not None:

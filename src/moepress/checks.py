@@ -17,12 +17,26 @@ DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+# The choices of run options, here so that the CLI checks them before torch loads and every floor
+# reads one tuple. PROPAGATIONS: whose hidden states feed the next layer during calibration (the
+# compressed model's or the original's); HIDDEN_PLACEMENTS: where they wait between layers;
+# QUANTIZE_CHOICES: the weight-only schemes of `--quantize` (tests/test_quantize.py keeps them equal
+# to modeling.moepress_quant.SCHEMES).
+PROPAGATIONS = ("compressed", "original")
+HIDDEN_PLACEMENTS = ("auto", "cpu", "device")
+QUANTIZE_CHOICES = ("none", "int8", "fp8")
+
+
 class InputError(ValueError):
     """Something the user gave is unusable; the message names it and says what is allowed."""
 
 
 class ModelNotFoundError(FileNotFoundError, InputError):
     """The model argument names no local directory and no reachable hub id."""
+
+
+class ConfigError(InputError):
+    """A method or run option out of range or inconsistent; the message says what is allowed."""
 
 
 class ExportError(InputError):

@@ -68,7 +68,6 @@ class _MoepressGroup(TyperGroup):
 
 app = typer.Typer(cls=_MoepressGroup, add_completion=False, no_args_is_help=True,
                   help="Compress Mixture-of-Experts LLMs and measure what it cost.")
-QUANTIZE_CHOICES = ("none", "int8", "fp8")  # = moepress.quantization.CHOICES (not imported: no torch here)
 STATS_CACHE_HELP = ("directory of the calibration-statistics cache, reused across runs (default: "
                     "$MOEPRESS_STATS_CACHE or the user cache's stats/; cap MOEPRESS_STATS_CACHE_GB, default 20)")
 QUANTIZE_HELP = ("weight-only quantization of the routed experts after compression: none | int8 | fp8 "
@@ -291,57 +290,37 @@ def compress(
         if model is None or method is None:
             raise checks.InputError("compress needs MODEL and --method (or --replay RECORD); see "
                                     "`moepress compress --help`")
-        _check_quantize(quantize)
-        checks.check_method_name(method)
-        checks.check_ratio(ratio, experts)
-        checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
-        checks.check_dtype(dtype)
-        checks.check_method_quantize(method, quantize)
-        checks.check_model_source(model)
-        _check_output(out, model, overwrite)
-        checks.check_calibration_source(calib)
-        from .layer_plan import check_budget, parse_layer_spec
-
-        if layers is not None:
-            parse_layer_spec(layers)
-        check_budget(budget, budget_floor)
         options = _parse_opts(opt, recipe)
-        options.update(layers=layers, budget=budget, budget_floor=budget_floor)
+        _check_quantize(quantize)  # the flags' own names in the message; CompressJob checks them again for the API
         _check_propagate(propagate)
-    options.update(stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate)
-    work = out.expanduser().resolve().parent / f".{out.expanduser().resolve().name}.work"
+        from .run import CompressJob
+
+        output_lock.refuse_if_busy(out)  # a live run on --out is the problem to name, not its half-made output
+        job = CompressJob.build(model, method, ratio, experts=experts, calib=calib, samples=samples, seq_len=seq_len,
+                                seed=seed, batch_size=batch_size, dtype=dtype, out=out, overwrite=overwrite,
+                                offload="auto" if offload is None else offload, device=device, hidden_on=hidden_on,
+                                quantize=quantize, layers=layers, budget=budget, budget_floor=budget_floor,
+                                stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate,
+                                **options)
+    work = job.out.path.parent / f".{job.out.path.name}.work"
     with _interrupts(lambda verb: _interrupted_line(verb, work, model)):
         with _user_errors():
             lock = _lock_output(out)
         with lock, _user_errors(note=lambda exc: _leftover_note(work, exc)):
-            path, result = _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size,
-                                         dtype, out, overwrite, offload, quiet, options, device, hidden_on,
-                                         quantize=quantize)
+            from .api import run_job  # torch: imported by CompressJob.build already, after the argument checks
+            from .progress import layer_progress
+
+            with layer_progress(quiet) as progress:
+                result = run_job(job, progress=progress, log=_log)
+            with _signals_deferred(f"the save of {out}"):
+                path = result.save()
     if is_printing_process():
         _print_result(result, path, method, model)
 
 
 def _check_quantize(scheme: str) -> None:
-    if scheme not in QUANTIZE_CHOICES:
-        raise checks.InputError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {scheme!r}")
-
-
-def _run_compress(model, method, ratio, experts, calib, samples, seq_len, seed, batch_size, dtype, out, overwrite,
-                  offload, quiet, options, device, hidden_on, quantize="none"):
-    import moepress
-    from moepress.devices import resolve_device
-    from moepress.progress import layer_progress
-
-    resolve_device(device)  # a GPU that is not there fails before the progress display starts
-
-    with layer_progress(quiet) as progress:
-        result = moepress.compress(model, method, ratio, experts=experts, calib=calib, samples=samples,
-                                   seq_len=seq_len, seed=seed, batch_size=batch_size, progress=progress,
-                                   dtype=dtype, offload="auto" if offload is None else offload, out=out,
-                                   overwrite=overwrite, log=_log, device=device, hidden_on=hidden_on,
-                                   quantize=quantize, **options)
-    with _signals_deferred(f"the save of {out}"):
-        return result.save(), result
+    if scheme not in checks.QUANTIZE_CHOICES:
+        raise checks.InputError(f"--quantize must be one of {', '.join(checks.QUANTIZE_CHOICES)}; got {scheme!r}")
 
 
 def _replay(record_path: Path, record: dict, out: Path, overwrite: bool, quiet: bool) -> None:
@@ -371,10 +350,8 @@ def _log(message: str) -> None:
 
 
 def _check_propagate(propagate: str | None) -> None:
-    from .stats_cache import PROPAGATIONS
-
-    if propagate is not None and propagate not in PROPAGATIONS:
-        raise checks.InputError(f"--propagate must be one of {', '.join(PROPAGATIONS)}, got {propagate!r}")
+    if propagate is not None and propagate not in checks.PROPAGATIONS:
+        raise checks.InputError(f"--propagate must be one of {', '.join(checks.PROPAGATIONS)}, got {propagate!r}")
 
 
 def _stats_cache_arg(stats_cache: Path | None, no_stats_cache: bool):
@@ -441,8 +418,8 @@ def _print_result(result, path: Path, method: str, model: str) -> None:
         Console().print(f"experts quantized to {quant['storage_dtype']} ({quant['library']} {quant['library_version']}): "
                         f"expert bytes {quant['expert_bytes_before']:,} -> {quant['expert_bytes_after']:,}; load with "
                         f"moepress.load or from_pretrained(..., trust_remote_code=True)")
-    if result.method.next_step:
-        Console().print(f"next: {result.method.next_step.format(path=path)}")
+    if result.requirements.next_step:
+        Console().print(f"next: {result.requirements.next_step.format(path=path)}")
 
 
 @app.command("quantize")

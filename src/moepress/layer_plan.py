@@ -100,18 +100,19 @@ def check_budget(budget: str, floor: int | None = None) -> None:
             raise InputError(f"--budget-floor must be a positive number of experts, got {floor!r}")
 
 
-def check_method_plan(method, layers: str | None, budget: str) -> None:
-    """Refuse plan options the method cannot honour (a `ConfigError` saying what to do)."""
+def check_method_plan(name: str, needs, layers: str | None, budget: str) -> None:
+    """Refuse plan options method `name` cannot honour, from its `Requirements` `needs` (a
+    `ConfigError` saying what to do)."""
     from .methods import ConfigError
 
     if layers is not None:
         parse_layer_spec(layers)
-        if not getattr(method, "supports_layer_subset", True):
-            raise ConfigError(f"method {method.name!r} allocates its budget across all MoE layers itself and "
+        if not needs.layer_subset:
+            raise ConfigError(f"method {name!r} allocates its budget across all MoE layers itself and "
                               f"cannot compress a subset; run it without --layers")
-    if budget == "auto" and not getattr(method, "keeps_expert_count", False):
+    if budget == "auto" and not needs.expert_count:
         raise ConfigError(f"--budget auto sets the number of experts each layer keeps, which only methods that keep "
-                          f"M experts per layer (pruning and merging) use; method {method.name!r} does not: use "
+                          f"M experts per layer (pruning and merging) use; method {name!r} does not: use "
                           f"--budget uniform")
 
 
@@ -280,10 +281,11 @@ def build_plan(model, method, calibration, *, layers: str | None = None, budget:
     from .methods import ConfigError
 
     check_budget(budget, floor)
-    check_method_plan(method, layers, budget)
+    needs = method.requirements()
+    check_method_plan(method.name, needs, layers, budget)
     selected = resolve_layers(layers, moe_layer_indices(model))
     plan = LayerPlan(selected=selected, spec=layers, budget=budget)
-    if not getattr(method, "keeps_expert_count", False):
+    if not needs.expert_count:
         return plan
     views = {i: layer_view(model, i) for i in selected}
     for i, view in views.items():

@@ -34,13 +34,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import distributed
+from . import checks, distributed
 from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from .calib import CalibrationSet, LayerStatistics
 from .checks import DamagedSourceError, InputError
 from .layer_store import InMemoryLayers
 from .methods import LayerContext, Method
-from .stats_cache import PROPAGATIONS, PipelineCache
+from .stats_cache import PipelineCache
 
 
 class _StopForward(Exception):
@@ -184,6 +184,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
                     device: str | torch.device | None = None, hidden_on: str = "auto", stats_cache=None,
                     propagation: str | None = None, plan=None) -> dict[int, dict]:
     """Run `method` over every MoE layer of `model` (or those `plan` selects); returns `{layer index: record}`.
+    The caller then calls `method.finalize(model, records)` (model-level edits; what the result is).
 
     A method with `needs_calibration=False` gets no statistics: no hidden states are captured or
     propagated (`calibration` may be None) and each MoE layer is only onloaded, compressed and
@@ -210,15 +211,16 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     device = torch.device(device) if device is not None else None
     layers = decoder_layers(model)
     moe = moe_layer_indices(model)
-    propagate = method.needs_calibration
-    propagation = propagation or method.propagation
+    needs = method.requirements()
+    propagate = needs.calibration
+    propagation = propagation or needs.propagation
     selected = set(moe) if plan is None else set(plan.selected)
     layer_experts = {} if plan is None else plan.experts
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
     check_finite_weights(model, "outside the decoder layers", skip=layers)
-    if propagation not in PROPAGATIONS:
-        raise InputError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
+    if propagation not in checks.PROPAGATIONS:
+        raise InputError(f"propagation must be one of {', '.join(checks.PROPAGATIONS)}, got {propagation!r}")
     cache_plan = PipelineCache(stats_cache, model, calibration, batch_size, device, propagation, layers) \
         if stats_cache is not None and propagate else None
     num_tokens = None
@@ -227,8 +229,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size) if propagate else ([], {})
     kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
     hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
-    method.stats_cache = stats_cache if calibration is not None else None
-    method.prepare(model, calibration, store=store)
+    method.prepare(model, calibration, store=store, stats_cache=stats_cache if calibration is not None else None)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         t0 = time.perf_counter()
@@ -272,7 +273,6 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
         store.offload(i, records.get(i))
         if progress is not None:
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
-    method.finalize(model, records)
     return records
 
 
@@ -342,7 +342,7 @@ def _compress_moe_layer(model: nn.Module, method: Method, layer: nn.Module, inde
     if inputs is None:
         inputs = collect_block_inputs(layer, view.block, index, hidden, kwargs, device) if hidden else []
     stats = LayerStatistics(view, inputs, disk=disk, num_tokens=num_tokens)
-    for name in method.needs:
+    for name in method.requirements().statistics:
         stats[name]
     result = method.compress_layer(LayerContext(view, stats, moe.index(index), len(moe), model, experts))
     if result.block is not None:

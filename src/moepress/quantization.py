@@ -36,10 +36,10 @@ from torch import nn
 
 from .arch import decoder_layers, family_of
 from .arch.model import is_stock_moe_block
-from .checks import InputError
+from .checks import QUANTIZE_CHOICES, InputError
 from .modeling.moepress_quant import QUANTIZABLE, SCHEMES, QuantizedWeight, install_quantized, mark_quantized
 
-CHOICES = ("none", *SCHEMES)
+CHOICES = QUANTIZE_CHOICES  # "none" and every scheme of SCHEMES (tests/test_quantize.py)
 LIBRARY = "torchao"
 
 

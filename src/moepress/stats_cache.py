@@ -48,7 +48,6 @@ from . import distributed
 CACHE_FORMAT = "1"
 DEFAULT_GB = 20.0
 MISSING = object()
-PROPAGATIONS = ("compressed", "original")
 
 
 def default_directory() -> Path:
@@ -370,8 +369,9 @@ class PipelineCache:
         method that reads only its declared statistics (`reads_inputs=False`), and every one of them
         cached for every MoE layer. Hashes every layer's source weights once to know (through
         `store.load_original`). Rank 0 decides, every rank follows."""
-        names = list(method.needs)
-        if self.propagation != "original" or getattr(method, "reads_inputs", True):
+        needs = method.requirements()
+        names = list(needs.statistics)
+        if self.propagation != "original" or needs.reads_inputs:
             return True
         from .calib.stats import cacheable
 

@@ -2,10 +2,12 @@
 
 from .base import (
     ConfigError,
+    Finalized,
     LayerContext,
     LayerResult,
     Method,
     MethodConfig,
+    Requirements,
     available_methods,
     build_method,
     coerce_option,
@@ -15,6 +17,6 @@ from .base import (
 )
 
 __all__ = [
-    "ConfigError", "LayerContext", "LayerResult", "Method", "MethodConfig",
+    "ConfigError", "Finalized", "LayerContext", "LayerResult", "Method", "MethodConfig", "Requirements",
     "available_methods", "build_method", "coerce_option", "describe_options", "get_method", "register_method",
 ]

@@ -1,8 +1,10 @@
 """The method interface and the registry (docs/design.md#methods).
 
-A method is a class with a typed config dataclass. The pipeline calls, in order:
-`prepare(model, calibration, store)` once (model-level statistics such as Fisher), then for every MoE
-layer `compress_layer(ctx)` with the layer's calibration inputs, then `finalize(model)` once.
+A method is a class with a typed config dataclass and declared `Requirements` (what the run must
+give it: statistics, calibration text, propagation, resident model; what it produces: the export
+kind). The pipeline calls, in order: `prepare(model, calibration, store, stats_cache)` once
+(model-level statistics such as Fisher), then for every MoE layer `compress_layer(ctx)` with the
+layer's calibration inputs, then `finalize(model, records)` once, which returns `Finalized`.
 
 The registry is peft-like: each package under `methods/` ends with one `register_method(...)`
 line, and `available_methods()` imports every package found there, so adding a method touches
@@ -23,11 +25,7 @@ from torch import nn
 
 from ..arch import MoELayerView
 from ..calib.stats import LayerStatistics
-from ..checks import InputError, check_ratio
-
-
-class ConfigError(InputError):
-    """A method option out of range or inconsistent; the message says what is allowed."""
+from ..checks import ConfigError, InputError, check_ratio
 
 
 @dataclass
@@ -97,41 +95,80 @@ class LayerResult:
     record: dict = field(default_factory=dict)
 
 
-class Method:
-    """Base class. Subclasses set `name`, `summary`, `config_class`, and implement `compress_layer`.
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs from a run and what it produces, declared once from its config
+    (`Method.requirements()`); the run reads it, nothing writes it.
 
+    statistics: per-layer statistics the pipeline computes (once) before `compress_layer`
+        (`calib/stats.py` names).
+    calibration: False for a method that reads no statistics: then no calibration text, no tokenizer
+        and no propagation of hidden states are needed (the pipeline only visits the MoE layers).
+    reads_inputs: False for a method whose `compress_layer` reads nothing from `ctx.stats` but
+        `statistics` (no `stats.batches`, `stats.routed()`, other statistic): with `--propagate
+        original` and all of them in the statistics cache no hidden state is propagated at all.
+    propagation: which layers the calibration states pass through on their way to the next MoE
+        layer: "compressed" (NAEE-style sequential) or "original" (the source model's layers, as
+        methods that gather every layer's statistics in one forward pass of the unmodified model,
+        e.g. HC-SMoE's released code). `--propagate` overrides it.
     export: "stock" when the result is the family's own class (pruning), "custom" when the
-    checkpoint needs moepress modeling code via auto_map.
+        checkpoint needs moepress modeling code via auto_map. What `finalize` returns may say
+        "custom" where this says "stock" (per-layer expert counts no stock config expresses).
+    resident_model: `prepare` needs every layer at once (no `--offload`).
+    expert_count: the method keeps M experts per layer (pruning, merging) and honours a per-layer
+        count (`LayerContext.experts`), so `--budget auto` applies (layer_plan.py).
+    layer_subset: False for a method that spreads its budget over all MoE layers itself (no `--layers`).
+    next_step: what the user should do with the output before using it ({path} = the output).
+    """
+
+    statistics: tuple[str, ...] = ()
+    calibration: bool = True
+    reads_inputs: bool = True
+    propagation: str = "compressed"
+    export: str = "stock"
+    resident_model: bool = False
+    expert_count: bool = False
+    layer_subset: bool = True
+    next_step: str | None = None
+
+    def __post_init__(self):
+        if self.statistics and not self.calibration:
+            raise ValueError(f"statistics {self.statistics} are computed on calibration tokens: "
+                             f"calibration=False cannot declare them")
+        if self.export not in ("stock", "custom"):
+            raise ValueError(f"export must be 'stock' or 'custom', got {self.export!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What `Method.finalize` produced: the checkpoint kind the compressed model needs."""
+
+    export: str
+
+
+class Method:
+    """Base class. Subclasses set `name`, `summary`, `config_class`, implement `compress_layer`, and
+    declare what they need as class attributes (the defaults of `Requirements`, read by
+    `requirements()`), or override `requirements()` where the config decides. Instances are never
+    written to by the run: `requirements()` and `finalize`'s return value are how a method speaks.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Class-level declarations of the `Requirements` fields (see there); a config-dependent one is
+    # overridden in `requirements()`, never assigned on an instance.
     export: ClassVar[str] = "stock"
-    needs: ClassVar[tuple[str, ...]] = ()  # statistics the pipeline computes (once) before compress_layer
-    # False for a method that reads no statistics: then no calibration text, no tokenizer and no
-    # propagation of hidden states are needed (the pipeline only visits the MoE layers).
+    needs: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = True
-    requires_resident_model: ClassVar[bool] = False  # True if `prepare` needs every layer at once
-    # Which layers the calibration states pass through on their way to the next MoE layer:
-    # "compressed" (the layers already compressed; NAEE-style sequential) or "original" (the source
-    # model's layers, as methods that gather every layer's statistics in one forward pass of the
-    # unmodified model, e.g. HC-SMoE's released code). A method may set it per instance.
+    requires_resident_model: ClassVar[bool] = False
     propagation: ClassVar[str] = "compressed"
-    # False for a method whose `compress_layer` reads nothing from `ctx.stats` but the statistics in
-    # `needs` (no `stats.batches`, `stats.routed()`, other statistic): with `--propagate original` and
-    # all of them in the statistics cache the pipeline then propagates no hidden state at all.
-    # True (the safe default) for anything that reads the layer's inputs itself.
     reads_inputs: ClassVar[bool] = True
-    # The run's `stats_cache.StatsCache` (None = none), set by the pipeline before `prepare`, for
-    # model-level statistics a method wants to reuse across runs (D²-MoE's Fisher).
-    stats_cache = None
-    # What the user should do with the output before using it, shown after `compress` ({path} = output).
     next_step: ClassVar[str | None] = None
-    # True for methods that keep M experts per layer (pruning, merging): they honour a per-layer
-    # count (`LayerContext.experts`), so `--budget auto` applies (layer_plan.py).
     keeps_expert_count: ClassVar[bool] = False
-    # False for a method that spreads its budget over all MoE layers itself (no `--layers`).
     supports_layer_subset: ClassVar[bool] = True
     # What `--ratio` removes for this method, in the user's words (`moepress methods NAME`).
     ratio_help: ClassVar[str] = "fraction of routed-expert parameters removed, in (0, 1)"
@@ -139,18 +176,30 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def prepare(self, model: nn.Module, calibration, store=None) -> None:
+    def requirements(self) -> Requirements:
+        """This method's needs and products for its config (default: the class declarations)."""
+        cls = type(self)
+        return Requirements(statistics=tuple(cls.needs), calibration=cls.needs_calibration,
+                            reads_inputs=cls.reads_inputs, propagation=cls.propagation, export=cls.export,
+                            resident_model=cls.requires_resident_model, expert_count=cls.keeps_expert_count,
+                            layer_subset=cls.supports_layer_subset, next_step=cls.next_step)
+
+    def prepare(self, model: nn.Module, calibration, store=None, stats_cache=None) -> None:
         """Model-level statistics before the layer loop (default: nothing).
 
         store: the pipeline's layer store; `store.load_original(i)` / `store.release(i)` onload and
         drop decoder layer i of the original model (whose layers may be on meta), so a pass over
-        the whole model can run one layer at a time."""
+        the whole model can run one layer at a time.
+        stats_cache: the run's `stats_cache.StatsCache` (None = none), for model-level statistics a
+        method reuses across runs (D²-MoE's Fisher)."""
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         raise NotImplementedError
 
-    def finalize(self, model: nn.Module, records: dict[int, dict]) -> None:
-        """Model-level edits after the loop (config keys, custom-block metadata)."""
+    def finalize(self, model: nn.Module, records: dict[int, dict]) -> Finalized:
+        """Model-level edits after the loop (config keys, custom-block metadata); returns what the
+        compressed model is (default: the declared export)."""
+        return Finalized(export=self.requirements().export)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -160,7 +209,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Add a method class to the registry under `cls.name` (one line at the end of each package)."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} registered twice")
-    if cls.needs and not cls.needs_calibration:
+    if cls.needs and not cls.needs_calibration:  # Requirements refuses it too, but only once built
         raise ValueError(f"method {cls.name!r} declares statistics {cls.needs} but needs_calibration=False; "
                          f"statistics are computed on calibration tokens")
     _REGISTRY[cls.name] = cls

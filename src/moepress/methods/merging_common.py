@@ -14,6 +14,7 @@ decision into a block:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from ..ops.clustering import groups_of, similarity_from_gram
 from ..ops.least_squares import NormalEquations, solve_normal_equations
 from ..ops.merging import weighted_merge
 from ..ops.router_fit import summed_sigmoid_target, summed_softmax_target, with_intercept
-from .base import ConfigError, LayerContext, LayerResult, Method, MethodConfig
+from .base import ConfigError, Finalized, LayerContext, LayerResult, Method, MethodConfig, Requirements
 
 EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 EXPORT_ALIASES = {"exact": "custom"}  # the option's first name, kept for existing scripts
@@ -157,10 +158,8 @@ class MergingMethod(Method):
     export = "custom"
     keeps_expert_count = True
 
-    def __init__(self, config: MergingConfig):
-        super().__init__(config)
-        # Per instance: the pipeline reads `method.export` (stock block + fitted router, or custom block).
-        self.export = config.export
+    def requirements(self) -> Requirements:  # stock block + fitted router, or custom block
+        return dataclasses.replace(super().requirements(), export=self.config.export)
 
     def merge(self, ctx: LayerContext, m: int) -> tuple[torch.Tensor, dict, dict]:
         raise NotImplementedError
@@ -179,11 +178,11 @@ class MergingMethod(Method):
                   "export": self.config.export, "calib_rel_error": round(error, 6), **extra}
         return LayerResult(block, record)
 
-    def finalize(self, model, records: dict[int, dict]) -> None:
+    def finalize(self, model, records: dict[int, dict]) -> Finalized:
         if self.config.export != "stock":
-            return
+            return Finalized(export="custom")
         counts = {v.num_experts for v in moe_layer_views(model)}
         if len(counts) == 1:
             set_model_expert_count(model, counts.pop())
-        else:  # per-layer counts: no stock config expresses them (PruningMethod.finalize)
-            self.export = "custom"
+            return Finalized(export="stock")
+        return Finalized(export="custom")  # per-layer counts: no stock config expresses them (PruningMethod.finalize)

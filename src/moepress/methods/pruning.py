@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import moe_layer_views, set_model_expert_count, validate_expert_count
-from .base import ConfigError, LayerContext, LayerResult, Method
+from .base import ConfigError, Finalized, LayerContext, LayerResult, Method
 
 
 class PruningMethod(Method):
@@ -49,12 +49,12 @@ class PruningMethod(Method):
             record["note"] = f"group-limited routing: survivors re-formed into {groups.n_group} contiguous groups"
         return LayerResult(block, record)
 
-    def finalize(self, model, records: dict[int, dict]) -> None:
+    def finalize(self, model, records: dict[int, dict]) -> Finalized:
         """One expert count in every MoE layer: the stock config says it. Different counts (a per-layer
         budget, or `--layers`) no family's config can express: the checkpoint becomes a custom one
         whose `config.moepress["layers"]` gives each layer's count (export.custom_layers)."""
         counts = {v.num_experts for v in moe_layer_views(model)}
         if len(counts) == 1:
             set_model_expert_count(model, counts.pop())
-        else:
-            self.export = "custom"
+            return Finalized(export=self.requirements().export)
+        return Finalized(export="custom")

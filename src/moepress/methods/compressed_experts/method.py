@@ -31,12 +31,14 @@ Fine-tuning the fit: the default `finetune` recipe `distill` (finetune.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...arch import MoELayerView
 from ...modeling.moepress_compressed import CompressedExpertsBlock, split_main_auxiliary
 from ...ops.least_squares import NormalEquations
-from ..base import ConfigError, LayerContext, LayerResult, Method
+from ..base import ConfigError, LayerContext, LayerResult, Method, Requirements
 from .config import CompressedExpertsConfig
 
 
@@ -134,12 +136,13 @@ class CompressedExperts(Method):
     next_step = ("the compressed vectors start at one (plain top-k_main routing): learn them with "
                  "`moepress finetune {path}` before judging quality")
 
-    def __init__(self, config: CompressedExpertsConfig):
-        super().__init__(config)
-        if config.aux_width is not None:  # per instance: the mini-experts are fitted on calibration text
-            self.needs_calibration = True
-            self.next_step = ("the mini-experts are fitted and already stand in for the auxiliary experts; the "
-                              "vectors start at one: `moepress finetune {path}` learns them (optional)")
+    def requirements(self) -> Requirements:
+        if self.config.aux_width is None:
+            return super().requirements()
+        # the mini-experts are fitted on calibration text
+        return dataclasses.replace(super().requirements(), calibration=True, next_step=(
+            "the mini-experts are fitted and already stand in for the auxiliary experts; the vectors start at "
+            "one: `moepress finetune {path}` learns them (optional)"))
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view = ctx.view

@@ -50,24 +50,24 @@ class D2MoE(Method):
         self.delta_ratio: float | None = None
 
     # ------------------------------------------------------------------ model level
-    def prepare(self, model, calibration, store=None) -> None:
+    def prepare(self, model, calibration, store=None, stats_cache=None) -> None:
         """Fisher-merged bases (base='fisher', layer by layer through `store`, see fisher.py) and the
         whole-model delta_ratio (ratio_mode='whole_model')."""
         cfg = self.config
         if cfg.base == "fisher":
             ids = calibration_ids(calibration, cfg.fisher_samples)
-            self.fisher = self._cached_fisher(model, ids, store)
+            self.fisher = self._cached_fisher(model, ids, store, stats_cache)
         if cfg.ratio_mode == "whole_model" and cfg.rank is None:
             self.delta_ratio = self._whole_model_delta_ratio(model)
 
-    def _cached_fisher(self, model, ids, store):
+    def _cached_fisher(self, model, ids, store, cache):
         """`fisher_bases`, read from the statistics cache when this model, these token ids and these
         Fisher options were seen before (keyed by every source weight: stats_cache.weights_digest)."""
         from ... import distributed, stats_cache
         from ...arch import moe_layer_indices
         from . import fisher as fisher_module
 
-        cfg, cache = self.config, self.stats_cache
+        cfg = self.config
 
         def compute():
             return fisher_bases(model, ids, cfg.fisher_batch_size, store=store,

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...checks import PROPAGATIONS
 from ..base import ConfigError
 from ..merging_common import MergingConfig
 
 LINKAGES = ("average", "single", "complete", "ward")
 METRICS = ("euclidean", "cosine")
 CLUSTERINGS = ("hierarchical", "kmeans")
-PROPAGATIONS = ("original", "compressed")
 
 
 @dataclass

@@ -57,13 +57,15 @@ Remaining differences from the authors' run, and why:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...calib.stats import LayerStatistics, statistic
 from ...ops.clustering import hierarchical_grouping
 from ...ops.kmeans import standardised_kmeans_grouping
 from ...ops.merging import frequency_weights, uniform_weights
-from ..base import LayerContext
+from ..base import LayerContext, Requirements
 from ..merging_common import MergingMethod, average_experts, expert_tensors
 from .config import HCSMoEConfig
 
@@ -86,9 +88,8 @@ class HCSMoE(MergingMethod):
     config_class = HCSMoEConfig
     needs = ("frequency", "expert_output_mean")
 
-    def __init__(self, config: HCSMoEConfig):
-        super().__init__(config)
-        self.propagation = config.propagation  # read by the pipeline (Method.propagation)
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(super().requirements(), propagation=self.config.propagation)
 
     def group(self, features: torch.Tensor, m: int, position: int) -> torch.Tensor:
         """The expert map `[N]` of this layer's M groups."""

@@ -35,13 +35,15 @@ Options beyond the paper (defaults = the paper), found by the diagnostics quoted
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...ops.clustering import centre_grouping, groups_of, similarity_from_gram
 from ...ops.least_squares import NormalEquations, warn_if_rank_deficient
 from ...ops.merging import frequency_weights
 from ...ops.routing_weights import cluster_routing, dense_routing
-from ..base import LayerContext
+from ..base import LayerContext, Requirements
 from ..down_refit import RefitProblem, fit_layer_output, fit_own_share
 from ..merging_common import MergingMethod, average_experts, expert_tensors, weight_similarity
 from .config import MergeMoEConfig
@@ -80,10 +82,10 @@ class MergeMoE(MergingMethod):
     config_class = MergeMoEConfig
     needs = ("frequency",)
 
-    def __init__(self, config: MergeMoEConfig):
-        super().__init__(config)
-        if config.similarity == "output":  # per instance: the pipeline computes what this run reads
-            self.needs = ("frequency", "expert_output_mean")
+    def requirements(self) -> Requirements:
+        if self.config.similarity != "output":
+            return super().requirements()
+        return dataclasses.replace(super().requirements(), statistics=("frequency", "expert_output_mean"))
 
     def similarity(self, ctx: LayerContext, tensors: dict) -> torch.Tensor:
         if self.config.similarity == "output":

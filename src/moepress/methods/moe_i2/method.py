@@ -32,6 +32,8 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...arch import MoELayerView, moe_layer_views, validate_expert_count
@@ -40,7 +42,7 @@ from ...ops.expert_allocation import allocate_pruned_experts, uniform_pruned_exp
 from ...ops.low_rank import kept_parameter_fraction, layer_rank_budget, proportional_ranks, stage_split
 from ...ops.saliency import naee_search
 from ...ops.whitened_svd import activation_error, cholesky_whitener, whitened_svd
-from ..base import ConfigError, LayerContext, LayerResult, Method
+from ..base import ConfigError, LayerContext, LayerResult, Method, Requirements
 from ..merging_common import layer_relative_error
 from .config import MoEI2Config
 from .layer_stats import SubsetLoss, removal_importance, routed_grams
@@ -68,15 +70,18 @@ class MoEI2(Method):
 
     def __init__(self, config: MoEI2Config):
         super().__init__(config)
-        # the importance pass hooks every MoE layer of the resident model at once
-        self.requires_resident_model = config.layer_allocation == "importance"
-        self.supports_layer_subset = config.layer_allocation != "importance"  # counts span all MoE layers
         self.kept_counts: dict[int, int] | None = None
         self.keep_fraction: float | None = None
         self.layer_importance: dict[int, list[float]] = {}
 
     # ------------------------------------------------------------------ model level: stage-1 counts
-    def prepare(self, model, calibration, store=None) -> None:
+    def requirements(self) -> Requirements:
+        # the importance pass hooks every MoE layer of the resident model at once, and its counts
+        # span all MoE layers (no --layers)
+        importance = self.config.layer_allocation == "importance"
+        return dataclasses.replace(super().requirements(), resident_model=importance, layer_subset=not importance)
+
+    def prepare(self, model, calibration, store=None, stats_cache=None) -> None:
         cfg = self.config
         if cfg.layer_allocation != "importance":
             return

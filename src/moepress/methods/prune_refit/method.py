@@ -30,11 +30,13 @@ checkpoint (same class, fewer experts: transformers and vLLM load it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...arch import MoELayerView
 from ...ops.routing_weights import dense_routing
-from ..base import ConfigError, LayerContext, LayerResult, get_method
+from ..base import ConfigError, LayerContext, LayerResult, Requirements, get_method
 from ..down_refit import RefitProblem, fit_layer_output
 from ..pruning import PruningMethod
 from .config import PruneRefitConfig
@@ -74,7 +76,9 @@ class PruneRefit(PruningMethod):
     def __init__(self, config: PruneRefitConfig):
         super().__init__(config)
         self.selector = pruning_selector(config.select, config)
-        self.needs = self.selector.needs
+
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(super().requirements(), statistics=tuple(self.selector.needs))
 
     def choose(self, ctx: LayerContext, m: int) -> tuple[list[int], dict]:
         return self.selector.choose(ctx, m)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...ops.saliency import reap_saliency
-from ..base import LayerContext
+from ..base import LayerContext, Requirements
 from ..pruning import PruningMethod
 from .config import ReapConfig
 from .stats import reap_sums  # also registers the "reap" statistic
@@ -18,10 +20,10 @@ class ReapPruning(PruningMethod):
     needs = ("reap",)
     reads_inputs = False  # with the model's own routing weights (renormalize=None); see __init__
 
-    def __init__(self, config: ReapConfig):
-        super().__init__(config)
-        if config.renormalize is not None:  # reap_sums streams over the inputs itself
-            self.reads_inputs = True
+    def requirements(self) -> Requirements:
+        if self.config.renormalize is None:
+            return super().requirements()
+        return dataclasses.replace(super().requirements(), reads_inputs=True)  # reap_sums streams the inputs
 
     def saliency(self, ctx: LayerContext) -> torch.Tensor:
         if self.config.renormalize is None:
