@@ -18,6 +18,7 @@ import transformers
 from typer.testing import CliRunner
 
 import moepress
+import moepress.api
 from moepress import output_lock
 from moepress.cli import app
 
@@ -169,3 +170,30 @@ def test_an_unsaved_result_leaves_no_temporary_work_folder(tiny_checkpoint, cali
     with pytest.raises(RuntimeError, match="stopped"):  # nobody could resume from a temporary folder
         moepress.compress(tiny_checkpoint("mixtral"), "frequency", 0.5, progress=fail_after_first_layer, **kwargs)
     assert not list(tmp_path.glob("moepress-work-*"))
+
+
+def test_the_api_quantize_and_finetune_refuse_an_output_another_run_holds(tiny_checkpoint, tmp_path):
+    from moepress.methods.compressed_experts.finetune import FinetuneConfig
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\nfrom moepress import output_lock\n"
+        f"lock = output_lock.acquire({str(out)!r})\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(120)\n")],
+        env=_env())
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.time() < deadline, "the holder did not take the lock"
+            time.sleep(0.1)
+        src = tiny_checkpoint("mixtral")
+        with pytest.raises(output_lock.OutputBusyError, match=f"pid {holder.pid}"):
+            moepress.quantize(src, "int8", out=out)
+        with pytest.raises(output_lock.OutputBusyError, match=f"pid {holder.pid}"):
+            moepress.api.finetune_checkpoint(src, None, out, FinetuneConfig(steps=1))
+        assert not out.exists() and not (tmp_path / "out.state").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone the same calls take the lock, write, and leave no lock behind
+    assert moepress.quantize(tiny_checkpoint("mixtral"), "int8", out=out) == out.resolve()
+    assert not output_lock.lock_path(out).exists()

@@ -394,11 +394,21 @@ def finetune_checkpoint(checkpoint: str | Path, data, out: str | Path, config, *
     plus a "finetune" entry) and `loss.png`. Training runs in float32 on `device` ("auto" | "cpu" |
     "cuda" | "cuda:N"); the output is written from the CPU in `dtype` ("auto" = the checkpoint's own).
     """
-    from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses, remove_state
-
     out = Path(out).expanduser()
     compute_device = resolve_device(device)
+    output_lock.refuse_if_busy(out)  # a live run on `out` is the problem to name, not its half-made output
     target = check_output_dir(out, checkpoint, overwrite)
+    with output_lock.acquire(target.path):  # to the end of the save: a second run on `out` is refused
+        return _finetune_to(checkpoint, data, target, config, samples, seq_len, resume, progress, compute_device,
+                            dtype)
+
+
+def _finetune_to(checkpoint, data, target, config, samples: int, seq_len: int, resume: bool, progress: bool,
+                 compute_device: torch.device, dtype) -> Path:
+    """The body of `finetune_checkpoint` once its output is checked and locked."""
+    from .methods.compressed_experts.finetune import finetune, finetune_record, plot_losses, remove_state
+
+    out = target.path
     out_dtype = resolve_dtype(dtype, checkpoint)
     model, tokenizer = load_pretrained(checkpoint, dtype=torch.float32)
     model.to(compute_device)

@@ -36,6 +36,7 @@ from torch import nn
 
 from .arch import decoder_layers, family_of
 from .arch.model import is_stock_moe_block
+from . import output_lock
 from .checks import QUANTIZE_CHOICES, InputError
 from .modeling.moepress_quant import QUANTIZABLE, SCHEMES, QuantizedWeight, install_quantized, mark_quantized
 
@@ -203,15 +204,26 @@ def quantize(model, scheme: str = "int8", *, out: str | Path | None = None, over
     object given is quantized in place, as `compress` edits one in place).
     `dtype` is the dtype of everything left in full precision ("auto" = the source's own).
     """
-    from .export import check_output_dir, save_checkpoint
-    from .loading import dtype_name, load_pretrained, resolve_dtype, tensor_bytes_on_disk
-    from .record import library_versions, read_record
+    from .export import check_output_dir
 
     scheme = check_scheme(scheme)
     if scheme is None:
         raise InputError(f"quantize needs a scheme: {', '.join(SCHEMES)}")
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
-    target = check_output_dir(out, source, overwrite) if out is not None else None
+    if out is None:
+        return _quantize_to(model, scheme, None, source, dtype)
+    output_lock.refuse_if_busy(out)  # a live run on `out` is the problem to name, not its half-made output
+    target = check_output_dir(out, source, overwrite)
+    with output_lock.acquire(target.path):  # held to the end of the save, as compress's
+        return _quantize_to(model, scheme, target, source, dtype)
+
+
+def _quantize_to(model, scheme: str, target, source: str | None, dtype):
+    """The body of `quantize` once the output (None: none) is checked and locked."""
+    from .export import save_checkpoint
+    from .loading import dtype_name, load_pretrained, resolve_dtype, tensor_bytes_on_disk
+    from .record import library_versions, read_record
+
     out_dtype = resolve_dtype(dtype, model)
     model_obj, tokenizer = load_pretrained(model, dtype=out_dtype, require_tokenizer=False)
     model_obj.to(out_dtype)
