@@ -217,3 +217,29 @@ def test_methods_says_what_ratio_removes_for_each_method(method, words):
     assert res.exit_code == 0, res.output
     ratio_row = next(line for line in res.output.splitlines() if "--ratio" in line)
     assert words in " ".join(ratio_row.split())
+
+
+def test_eval_and_bench_quiet_turn_the_evaluation_bars_off(tiny_checkpoint, monkeypatch, tmp_path):
+    import moepress
+    import moepress.bench
+    import moepress.eval
+
+    seen = []
+    real = moepress.eval.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("progress"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moepress, "evaluate", spy)
+    monkeypatch.setattr(moepress.eval, "evaluate", spy)
+    src = str(tiny_checkpoint("mixtral"))
+    for quiet in (False, True):
+        res = runner.invoke(app, ["eval", src, "--ppl", "calib", "--seq-len", "32"] + ["--quiet"] * quiet)
+        assert res.exit_code == 0, res.output
+    assert seen == [None, False]  # None: bars when the output is a terminal
+    seen.clear()
+    res = runner.invoke(app, ["bench", src, "--methods", "frequency", "--ratios", "0.5", "--samples", "4",
+                              "--seq-len", "32", "--ppl", "calib", "--tasks", "", "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert seen == [False, False]  # the original and the one result

@@ -12,7 +12,7 @@ def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, 
              seq_len: int = 256, ppl: Optional[list[str]] = None, tasks: Optional[list[str]] = None,
              mc_per_domain: int = 16, log: Callable[[str], None] = lambda message: None,
              device: str = "auto", dtype: str = "auto", stats_cache=True,
-             propagate: str | None = None) -> list[dict]:
+             propagate: str | None = None, progress: bool | None = None) -> list[dict]:
     """Compress `model` with every (method, ratio), evaluate each the same way; rows also go to `out`.
 
     `device` ("auto" | "cpu" | "cuda" | "cuda:N") computes compression and evaluation there.
@@ -22,6 +22,8 @@ def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, 
     `stats_cache` (default on: the user cache) and `propagate` go to every `compress`: with
     `propagate="original"` the statistics of every layer are computed once for the whole grid (per
     distinct statistic), with "compressed" only those up to the first compressed layer are shared.
+    `progress`: progress bars of the evaluations (None = when printing to a terminal;
+    False = none, `--quiet`).
     """
     from .api import compress
     from .devices import resolve_device
@@ -33,7 +35,8 @@ def run_grid(model: str, methods: list[str], ratios: list[float], out: Path, *, 
     ppl = ppl or builtin_domains()
     tasks = tasks if tasks is not None else ["next_chunk"]
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(ppl=ppl, tasks=tasks, seq_len=seq_len, mc_per_domain=mc_per_domain, device=device)
+    settings = dict(ppl=ppl, tasks=tasks, seq_len=seq_len, mc_per_domain=mc_per_domain, device=device,
+                    progress=progress)
     rows = [{"method": "original", "ratio": 0.0, **_summary(evaluate(model, dtype=dtype, **settings)), "seconds": 0.0}]
     for method in methods:
         for ratio in ratios:

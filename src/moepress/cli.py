@@ -547,6 +547,7 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval items per task (quick runs)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: the first GPU if any)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Perplexity, multiple-choice tasks, parameter counts and speed of MODEL (and --baseline)."""
     with _user_errors():
@@ -560,7 +561,7 @@ def evaluate(
         report = moepress.evaluate(model, ppl=ppl or (), tasks=tasks, seq_len=seq_len, stride=stride,
                                    batch_size=batch_size, speed=speed, baseline=baseline, dtype=dtype,
                                    lm_eval_limit=int(limit) if limit and limit >= 1 else limit,
-                                   log=_log, device=device)
+                                   log=_log, device=device, progress=False if quiet else None)
         Console().print(report.table())
         if json_path is not None:
             Console().print(f"report: {report.save_json(json_path)}")
@@ -627,6 +628,7 @@ def bench(
     propagate: Optional[str] = typer.Option(None, "--propagate", help="calibration inputs of each layer come from "
                                             "the 'compressed' layers before it or the 'original' model (statistics "
                                             "then shared by the whole grid); default: each method's own"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Compress MODEL with every method x ratio and compare them side by side (table + plot)."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -650,7 +652,8 @@ def bench(
         rows = run_grid(model, names, ratio_values, out, calib=calib, samples=samples, seq_len=seq_len,
                         ppl=ppl.split(",") if ppl else None, tasks=[t for t in tasks.split(",") if t.strip()],
                         dtype=dtype, log=console.print, device=device,
-                        stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate)
+                        stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate,
+                        progress=False if quiet else None)
         md, png = write_report(rows, out)
     from rich.table import Table
 
