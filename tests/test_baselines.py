@@ -182,7 +182,11 @@ def test_proportional_ranks_sum_to_the_budget_and_respect_the_cap():
     assert sum(proportional_ranks([0.3, 0.0, 5.0, 1.0], 17, cap=9)) == 17
     assert proportional_ranks([1.0, 2.0], 100, cap=8) == [8, 8]
     assert proportional_ranks([0.0, 0.0], 5, cap=8) == [3, 2]
-    assert layer_rank_budget(hidden=64, intermediate=48, experts=4, keep_fraction=0.5) == 4 * 64 * 48 // (2 * 112)
+    assert layer_rank_budget(per_expert=3 * 64 * 48, rank_cost=low_rank_parameters(64, 48, 1), experts=4,
+                             keep_fraction=0.5) == 4 * 64 * 48 // (2 * 112)
+    # what stays dense (biases) is paid first: 4 experts x 100 dense parameters leave 400 fewer to spend
+    assert layer_rank_budget(3 * 64 * 48 + 100, 3 * 112, 4, 0.5, dense_per_expert=100) == (
+        (4 * (3 * 64 * 48 + 100) // 2 - 400) // (3 * 112))
 
 
 def _first_layer(model, *, x=None, **options):

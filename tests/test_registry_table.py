@@ -130,3 +130,13 @@ def test_design_method_names_stay_registered():
     contract = {"frequency", "reap", "naee", "average", "msmoe", "hcsmoe", "zipit", "mergemoe", "d2moe",
                 "compressed_experts"}
     assert contract <= set(METHODS)
+
+
+def test_the_cli_s_torch_free_method_names_are_the_registry_s():
+    """`moepress compress -m NAME` is checked before torch is imported, against the method package
+    folders (checks.method_package_names); the registry keys by `cls.name`. One list, both ways."""
+    from moepress.checks import method_package_names
+
+    assert method_package_names() == sorted(available_methods())
+    for name, cls in available_methods().items():
+        assert cls.__module__.split(".")[2] == name, (name, cls.__module__)  # moepress.methods.<name>....

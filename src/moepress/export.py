@@ -36,7 +36,7 @@ def custom_layers(model: nn.Module) -> dict[str, dict]:
     configured = getattr(model.config, spec.expert_count_key, None)
     out = {}
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = spec.block_of(layer)
         if getattr(block, "is_moepress_block", False):
             out[str(i)] = block.layer_config()
             if getattr(block, "moepress_quant", None):  # quantized experts (moepress.quantize)

@@ -196,9 +196,7 @@ def pruned_block_output(view, keep: list[int], x):
     import torch
 
     if view.group_routing is not None:
-        block = view.select(keep)
-        out = block(x.unsqueeze(0))
-        return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+        return view.forward(x, view.select(keep))
     router = view.subset_router(keep)
     _, weights, index = router(x)
     ids = torch.as_tensor(keep, dtype=torch.long, device=index.device)

@@ -170,15 +170,17 @@ class StreamingLayers:
     def _restore_finished(self, layer: nn.Module, index: int) -> None:
         """Give layer `index` the structure it had when finished, then load its shard."""
         block_info = self.done[index]["block"]
+        spec = family_of(self.model)
+        stock = spec.block_of(layer)
         if "kind" in block_info:
             from .modeling.modeling_moepress import BLOCK_KINDS
 
-            layer.mlp = BLOCK_KINDS[block_info["kind"]].from_layer_config(layer.mlp, self.model.config, block_info)
+            spec.set_block(layer, BLOCK_KINDS[block_info["kind"]].from_layer_config(stock, self.model.config, block_info))
         elif "experts" in block_info:
             cfg = copy.deepcopy(self.model.config)
-            set_expert_count(cfg, family_of(cfg), block_info["experts"])
+            set_expert_count(cfg, spec, block_info["experts"])
             with torch.device("meta"):
-                layer.mlp = type(layer.mlp)(cfg)
+                spec.set_block(layer, type(stock)(cfg))
         layer.to_empty(device="cpu")
         prefix = f"{LAYER_PREFIX}{index}."
         with safe_open(self.work_dir / f"layer-{index:05d}.safetensors", "pt") as fh, torch.no_grad():
@@ -200,7 +202,7 @@ class StreamingLayers:
         self.shards.update({k: name for k in state})
         del state
         if self.run_key is not None:
-            self._record_progress(index, layer.mlp, record)
+            self._record_progress(index, family_of(self.model).block_of(layer), record)
 
     def _record_progress(self, index: int, block: nn.Module, record: dict | None) -> None:
         if getattr(block, "is_moepress_block", False):

@@ -142,7 +142,7 @@ def quantize_experts(model: nn.Module, scheme: str) -> dict:
     before = state_bytes(model)
     plan = []
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = spec.block_of(layer)
         if block is None:
             continue
         if getattr(block, "moepress_quant", None):
@@ -162,8 +162,8 @@ def quantize_experts(model: nn.Module, scheme: str) -> dict:
     layers = {}
     for i, layer, stock in plan:
         if stock:
-            layer.mlp = _stock_to_remap(layer.mlp, model.config)
-        block = layer.mlp
+            spec.set_block(layer, _stock_to_remap(spec.block_of(layer), model.config))
+        block = spec.block_of(layer)
         # the remapped block keeps the family's layout (gpt-oss: [.., in, out]); delta tensors are [.., out, in]
         input_dim = -2 if block.kind == "remap" and block.expert_format.interleaved else -1
         tensors = {}

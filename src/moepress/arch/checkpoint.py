@@ -22,8 +22,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_FUSED = re.compile(r"^(?P<layer>.*)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^(?P<layer>.*)\.mlp\.(?P<attr>gate|router)\.weight$")
 
 
 class CheckpointReader:
@@ -32,6 +30,9 @@ class CheckpointReader:
     def __init__(self, path: str | Path, spec: FamilySpec):
         self.path = Path(path)
         self.spec = spec
+        block, router = re.escape(spec.block_attr), re.escape(spec.router_attr)  # in-memory names: the family's
+        self._fused = re.compile(rf"^(?P<layer>.*)\.{block}\.experts\.(?P<kind>gate_up_proj|down_proj)$")
+        self._router = re.compile(rf"^(?P<layer>.*)\.{block}\.{router}\.weight$")
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -104,7 +105,7 @@ class CheckpointReader:
         """The tensor the in-memory model calls `name`, whichever layout the files use."""
         if name in self:
             return self._raw(name)
-        fused, router = _FUSED.match(name), _ROUTER.match(name)
+        fused, router = self._fused.match(name), self._router.match(name)
         try:
             if fused and self.spec.hub_expert_names is not None:
                 layer = fused["layer"]
@@ -112,7 +113,7 @@ class CheckpointReader:
                     return self._per_expert(layer, 2)
                 return torch.cat([self._per_expert(layer, 0), self._per_expert(layer, 1)], dim=1)
             if router:
-                alt = f"{router['layer']}.{self.spec.hub_block}.gate.weight"
+                alt = f"{router['layer']}.{self.spec.hub_block}.{self.spec.router_attr}.weight"
                 if alt in self:
                     return self._raw(alt)
         except KeyError:
@@ -123,7 +124,7 @@ class CheckpointReader:
         """`dest.copy_(self.tensor(name))` (cast to `dest`'s dtype) without a full-size temporary:
         a per-expert checkpoint is copied expert by expert into the fused destination, so reading
         a layer of 128 experts costs no transient copy of its experts (bounded-memory runs)."""
-        fused = _FUSED.match(name)
+        fused = self._fused.match(name)
         if name in self or not fused or self.spec.hub_expert_names is None or dest.dim() != 3:
             dest.copy_(self.tensor(name))
             return

@@ -51,7 +51,7 @@ def moe_layer_views(model: nn.Module) -> list[MoELayerView]:
     spec = family_of(model)
     views = []
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = spec.block_of(layer)
         if block is not None and is_stock_moe_block(block, spec):
             views.append(MoELayerView(block, spec, model.config, i))
     if not views:
@@ -66,15 +66,15 @@ def moe_layer_indices(model: nn.Module) -> list[int]:
 def layer_view(model: nn.Module, layer_index: int) -> MoELayerView | None:
     """The view of decoder layer `layer_index`'s MoE block, or None when it is not a stock MoE block."""
     spec = family_of(model)
-    block = getattr(decoder_layers(model)[layer_index], "mlp", None)
+    block = spec.block_of(decoder_layers(model)[layer_index])
     if block is None or not is_stock_moe_block(block, spec):
         return None
     return MoELayerView(block, spec, model.config, layer_index)
 
 
 def set_moe_block(model: nn.Module, layer_index: int, block: nn.Module) -> None:
-    """Install `block` as the MLP of decoder layer `layer_index`."""
-    decoder_layers(model)[layer_index].mlp = block
+    """Install `block` as the MoE block of decoder layer `layer_index`."""
+    family_of(model).set_block(decoder_layers(model)[layer_index], block)
 
 
 def set_model_expert_count(model: nn.Module, count: int) -> None:
@@ -100,7 +100,7 @@ def parameter_counts(model: nn.Module) -> dict:
     routed = active_routed = 0
     per_layer = {}
     for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
+        block = spec.block_of(layer)
         if block is None:
             continue
         if hasattr(block, "moepress_parameter_counts"):

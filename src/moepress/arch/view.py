@@ -179,12 +179,18 @@ class MoELayerView:
         """Shared-expert contribution `[T, H]` (Qwen2-MoE gate included) or None."""
         return self.spec.shared_output(self.block, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole block on flat tokens `x [T, H]` -> `[T, H]` (calls the live block)."""
-        out = self.block(x.unsqueeze(0))
+    def forward(self, x: torch.Tensor, block: torch.nn.Module | None = None) -> torch.Tensor:
+        """A whole block on flat tokens `x [T, H]` -> `[T, H]`: the live block, or `block` (a
+        replacement built for this layer, stock or moepress, which returns what the family's
+        block returns)."""
+        return self.block_output((self.block if block is None else block)(x.unsqueeze(0)), x.shape)
+
+    def block_output(self, out, shape) -> torch.Tensor:
+        """The hidden states of a block's return value (gpt-oss blocks return `(hidden, router
+        scores)`: `Family.block_returns_tuple`), reshaped to `shape`."""
         if self.spec.block_returns_tuple:
             out = out[0]
-        return out.reshape(x.shape)
+        return out.reshape(shape)
 
     # ------------------------------------------------------------------ rewrite
     def rebuild(

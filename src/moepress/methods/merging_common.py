@@ -139,9 +139,7 @@ def layer_relative_error(view: MoELayerView, block, batches: list[torch.Tensor],
     `reduce` sums the two totals over data-parallel ranks (`LayerStatistics.reduce`)."""
     num = den = 0.0
     for x in batches:
-        ref = view.forward(x)
-        out = block(x.unsqueeze(0))
-        out = (out[0] if isinstance(out, tuple) else out).reshape(ref.shape)
+        ref, out = view.forward(x), view.forward(x, block)
         num += float((out.double() - ref.double()).pow(2).sum())
         den += float(ref.double().pow(2).sum())
     if reduce is not None:

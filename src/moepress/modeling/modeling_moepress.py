@@ -33,14 +33,16 @@ BLOCK_KINDS: dict[str, type] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KI
 def install_moepress_blocks(model, config) -> None:
     """Replace the MLP of every layer listed in `config.moepress["layers"]` by its custom block."""
     spec = getattr(config, "moepress", None) or {}
+    family = family_facts(config.model_type)
     for key, layer_cfg in spec.get("layers", {}).items():
         kind = layer_cfg["kind"]
         if kind not in BLOCK_KINDS:
             raise ValueError(f"unknown moepress block kind {kind!r}; known: {sorted(BLOCK_KINDS)}")
         layer = model.model.layers[int(key)]
-        layer.mlp = BLOCK_KINDS[kind].from_layer_config(layer.mlp, config, layer_cfg)
+        block = BLOCK_KINDS[kind].from_layer_config(family.block_of(layer), config, layer_cfg)
+        family.set_block(layer, block)
         if layer_cfg.get("quant"):  # weight-only quantized experts (moepress_quant.py)
-            apply_quant_layout(layer.mlp, layer_cfg["quant"])
+            apply_quant_layout(block, layer_cfg["quant"])
 
 
 def _with_moepress_blocks(base_name: str):

@@ -39,12 +39,14 @@ GROUP_LIMITS = ("never", "always", "group_limited_greedy")
 
 @dataclass(frozen=True)
 class Family:
-    """Static facts about one MoE family in transformers 5 (the block at `model.layers[i].mlp`).
+    """Static facts about one MoE family in transformers 5 (the block at `model.layers[i].<block_attr>`).
 
     Attributes:
         model_type: `config.model_type` served.
         causal_lm_class: the stock `transformers` CausalLM class name.
         expert_count_key: config key written to config.json for the number of routed experts.
+        block_attr: decoder-layer attribute holding the MoE block in memory (`mlp` in every family
+            transformers 5 ships; `block_of`/`set_block` read and write it, nothing else names it).
         router_attr: block attribute holding the router (`gate` or `router`).
         expert_layout: stored layout of the routed experts (`EXPERT_LAYOUTS`, module doc).
         expert_biases: the routed experts have gate/up/down biases.
@@ -76,6 +78,7 @@ class Family:
     model_type: str
     causal_lm_class: str
     expert_count_key: str
+    block_attr: str = "mlp"
     router_attr: str = "gate"
     expert_layout: str = "fused"
     expert_biases: bool = False
@@ -99,6 +102,14 @@ class Family:
                               ("group_limited", GROUP_LIMITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{self.model_type}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def block_of(self, layer):
+        """The MoE (or dense MLP) block of decoder layer `layer`, or None."""
+        return getattr(layer, self.block_attr, None)
+
+    def set_block(self, layer, block) -> None:
+        """Install `block` as decoder layer `layer`'s MoE block."""
+        setattr(layer, self.block_attr, block)
 
 
 FAMILY_FACTS: dict[str, Family] = {

@@ -35,14 +35,15 @@ def kept_parameter_fraction(ratio: float, removed_expert_fraction: float) -> flo
     return (1.0 - ratio) / (1.0 - removed_expert_fraction)
 
 
-def layer_rank_budget(hidden: int, intermediate: int, experts: int, keep_fraction: float,
-                      bias_per_expert: int = 0) -> int:
+def layer_rank_budget(per_expert: int, rank_cost: int, experts: int, keep_fraction: float,
+                      dense_per_expert: int = 0) -> int:
     """Sum of per-expert ranks `R` a layer of `experts` experts may spend so that its stored routed
-    parameters `Σ_j 3 r_j (H + I) + experts · bias` stay within `keep_fraction` of the dense
-    `experts · (3 H I + bias)` (biases are kept dense)."""
-    dense = experts * (3 * hidden * intermediate + bias_per_expert)
-    spend = keep_fraction * dense - experts * bias_per_expert
-    return max(0, math.floor(spend / (3 * (hidden + intermediate)) + 1e-9))
+    parameters `R · rank_cost + experts · dense_per_expert` stay within `keep_fraction` of the
+    original `experts · per_expert`. `per_expert` is the expert's parameter count (its owner is the
+    family's expert format, `MoELayerView.parameters_per_expert`), `rank_cost` what one rank of the
+    factors stores (`low_rank_parameters(H, I, 1)`), `dense_per_expert` what stays dense (biases)."""
+    spend = keep_fraction * experts * per_expert - experts * dense_per_expert
+    return max(0, math.floor(spend / rank_cost + 1e-9))
 
 
 def proportional_ranks(weights: list[float], total: int, cap: int, floor: int = 1) -> list[int]:

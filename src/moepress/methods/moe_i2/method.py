@@ -39,7 +39,8 @@ import torch
 from ...arch import MoELayerView, moe_layer_views, validate_expert_count
 from ...modeling.moepress_lowrank import PROJECTIONS, LowRankMoeBlock
 from ...ops.expert_allocation import allocate_pruned_experts, uniform_pruned_experts
-from ...ops.low_rank import kept_parameter_fraction, layer_rank_budget, proportional_ranks, stage_split
+from ...ops.low_rank import (kept_parameter_fraction, layer_rank_budget, low_rank_parameters, proportional_ranks,
+                             stage_split)
 from ...ops.saliency import naee_search
 from ...ops.whitened_svd import activation_error, cholesky_whitener, whitened_svd
 from ..base import ConfigError, LayerContext, LayerResult, Method, Requirements
@@ -125,8 +126,9 @@ class MoEI2(Method):
         importance = (loss.removal_errors(keep) - base).clamp_min(0)
         use = self.config.rank_allocation == "importance" and bool(torch.isfinite(importance).all())
         weights = importance.tolist() if use else [1.0] * len(keep)
-        bias = 0 if view.gate_bias is None else 2 * i + h
-        budget = layer_rank_budget(h, i, len(keep), keep_fraction, bias)
+        dense = view.parameters_per_expert - 3 * h * i  # the biases, which the factors leave dense
+        budget = layer_rank_budget(view.parameters_per_expert, low_rank_parameters(h, i, 1), len(keep),
+                                   keep_fraction, dense)
         return proportional_ranks(weights, budget, cap), (importance.tolist() if use else None)
 
     def decompose(self, pruned: MoELayerView, batches, ranks: list[int], reduce=None) -> tuple[dict, dict]:
@@ -150,8 +152,7 @@ class MoEI2(Method):
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:
         view, cfg = ctx.view, self.config
-        dense = 3 * view.num_experts * view.hidden_size * view.intermediate_size
-        dense += 0 if view.gate_bias is None else view.num_experts * (2 * view.intermediate_size + view.hidden_size)
+        dense = view.num_experts * view.parameters_per_expert  # biases included (gpt-oss)
         if float(cfg.ratio) == 0.0 and cfg.rank is None:
             return LayerResult(None, {"experts": view.num_experts, "routed_parameters_before": dense,
                                       "routed_parameters_after": dense, "achieved_ratio": 0.0})
