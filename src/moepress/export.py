@@ -18,9 +18,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import decoder_layers, family_of, is_stock_moe_block
+from .arch import decoder_layers, family_of
 from .checks import ExportError, OutputDir, check_output_dir, safetensors_data_bytes  # noqa: F401 (re-exported)
 from .modeling import MODELING_DIR, MODELING_FILES
+from .modeling.modeling_moepress import class_name_for, describe_block
 from .modeling.moepress_layout import to_hub_layout, use_hub_layout_on_save
 from .model_card import model_card
 from .record import stage_figures, write_record
@@ -30,25 +31,12 @@ def custom_layers(model: nn.Module) -> dict[str, dict]:
     """`{layer index: block.layer_config()}` for every installed moepress custom block, and
     `{"kind": "experts", "num_experts": m}` for every stock MoE block whose expert count differs
     from the config's (per-layer counts: modeling/moepress_experts.py)."""
-    from .modeling.moepress_experts import StockExpertCount
-
     spec = family_of(model)
-    configured = getattr(model.config, spec.expert_count_key, None)
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        block = spec.block_of(layer)
-        if getattr(block, "is_moepress_block", False):
-            out[str(i)] = block.layer_config()
-            if getattr(block, "moepress_quant", None):  # quantized experts (moepress.quantize)
-                out[str(i)]["quant"] = block.moepress_quant
-        elif block is not None and is_stock_moe_block(block, spec) and block.experts.gate_up_proj.shape[0] != configured:
-            out[str(i)] = StockExpertCount.layer_config(block.experts.gate_up_proj.shape[0])
-    return out
+    described = ((i, describe_block(spec.block_of(layer), model.config)) for i, layer in enumerate(decoder_layers(model)))
+    return {str(i): info for i, info in described if info is not None}
 
 
 def _prepare_custom_config(model: nn.Module, method_name: str) -> None:
-    from .modeling.modeling_moepress import class_name_for
-
     spec = family_of(model)
     model.config.moepress = {"format": 1, "method": method_name, "layers": custom_layers(model)}
     model.config.auto_map = {"AutoModelForCausalLM": f"modeling_moepress.{class_name_for(spec.model_type)}"}

@@ -16,7 +16,6 @@ wait at a barrier while it settles the directory at `resume`, then read the same
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import json
@@ -31,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .arch import decoder_layers, family_of, set_expert_count
+from .arch import decoder_layers, family_of
 from .arch.checkpoint import CheckpointReader
+from .modeling.modeling_moepress import describe_block, rebuild_block
 
 LAYER_PREFIX = "model.layers."
 PROGRESS = "progress.json"
@@ -170,17 +170,10 @@ class StreamingLayers:
     def _restore_finished(self, layer: nn.Module, index: int) -> None:
         """Give layer `index` the structure it had when finished, then load its shard."""
         block_info = self.done[index]["block"]
-        spec = family_of(self.model)
-        stock = spec.block_of(layer)
-        if "kind" in block_info:
-            from .modeling.modeling_moepress import BLOCK_KINDS
-
-            spec.set_block(layer, BLOCK_KINDS[block_info["kind"]].from_layer_config(stock, self.model.config, block_info))
-        elif "experts" in block_info:
-            cfg = copy.deepcopy(self.model.config)
-            set_expert_count(cfg, spec, block_info["experts"])
+        if block_info:
+            spec = family_of(self.model)
             with torch.device("meta"):
-                spec.set_block(layer, type(stock)(cfg))
+                spec.set_block(layer, rebuild_block(spec.block_of(layer), self.model.config, block_info))
         layer.to_empty(device="cpu")
         prefix = f"{LAYER_PREFIX}{index}."
         with safe_open(self.work_dir / f"layer-{index:05d}.safetensors", "pt") as fh, torch.no_grad():
@@ -205,12 +198,7 @@ class StreamingLayers:
             self._record_progress(index, family_of(self.model).block_of(layer), record)
 
     def _record_progress(self, index: int, block: nn.Module, record: dict | None) -> None:
-        if getattr(block, "is_moepress_block", False):
-            info = block.layer_config()
-        elif hasattr(getattr(block, "experts", None), "gate_up_proj"):
-            info = {"experts": int(block.experts.gate_up_proj.shape[0])}
-        else:
-            info = {}
+        info = describe_block(block, self.model.config, stock_always=True) or {}  # {}: a dense layer
         self.done[index] = {"record": record, "block": info}
         state = {"run_key": self.run_key, "layers": {str(k): v for k, v in self.done.items()}, "shards": self.shards}
         tmp = self.work_dir / (PROGRESS + ".tmp")

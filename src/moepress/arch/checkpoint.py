@@ -113,7 +113,8 @@ class CheckpointReader:
                     return self._per_expert(layer, 2)
                 return torch.cat([self._per_expert(layer, 0), self._per_expert(layer, 1)], dim=1)
             if router:
-                alt = f"{router['layer']}.{self.spec.hub_block}.{self.spec.router_attr}.weight"
+                # the hub names every router `gate` (PhiMoE's in-memory `router` included)
+                alt = f"{router['layer']}.{self.spec.hub_block}.gate.weight"
                 if alt in self:
                     return self._raw(alt)
         except KeyError:

@@ -30,19 +30,45 @@ BLOCK_KINDS: dict[str, type] = {**_REMAP_KINDS, **_DELTA_KINDS, **_COMPRESSED_KI
                                 **_EXPERT_COUNT_KINDS}
 
 
+def describe_block(block, config, *, stock_always: bool = False) -> dict | None:
+    """The one description of a layer's block, as `config.moepress["layers"][i]` holds it (and the
+    layer store's progress file, to rebuild a finished layer on resume): a moepress block's
+    `layer_config()` (with `quant` when its experts are quantized); a stock MoE block whose routed
+    expert count differs from the config's (any stock MoE block with `stock_always`)
+    `{"kind": "experts", "num_experts": m}`; otherwise None (the stock block the config builds)."""
+    if getattr(block, "is_moepress_block", False):
+        info = block.layer_config()
+        if getattr(block, "moepress_quant", None):  # quantized experts (moepress.quantize)
+            info["quant"] = block.moepress_quant
+        return info
+    fused = getattr(getattr(block, "experts", None), "gate_up_proj", None)
+    if fused is None:
+        return None
+    count = int(fused.shape[0])
+    if stock_always or count != getattr(config, family_facts(config.model_type).expert_count_key, None):
+        return _EXPERT_COUNT_KINDS["experts"].layer_config(count)
+    return None
+
+
+def rebuild_block(stock, config, layer_cfg: dict):
+    """The block `layer_cfg` (a `describe_block` value) describes, built from the layer's stock block
+    (its tensors still to be loaded; quantized experts get their packed layout)."""
+    kind = layer_cfg["kind"]
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown moepress block kind {kind!r}; known: {sorted(BLOCK_KINDS)}")
+    block = BLOCK_KINDS[kind].from_layer_config(stock, config, layer_cfg)
+    if layer_cfg.get("quant"):  # weight-only quantized experts (moepress_quant.py)
+        apply_quant_layout(block, layer_cfg["quant"])
+    return block
+
+
 def install_moepress_blocks(model, config) -> None:
-    """Replace the MLP of every layer listed in `config.moepress["layers"]` by its custom block."""
+    """Replace the block of every layer listed in `config.moepress["layers"]` by the one it describes."""
     spec = getattr(config, "moepress", None) or {}
     family = family_facts(config.model_type)
     for key, layer_cfg in spec.get("layers", {}).items():
-        kind = layer_cfg["kind"]
-        if kind not in BLOCK_KINDS:
-            raise ValueError(f"unknown moepress block kind {kind!r}; known: {sorted(BLOCK_KINDS)}")
         layer = model.model.layers[int(key)]
-        block = BLOCK_KINDS[kind].from_layer_config(family.block_of(layer), config, layer_cfg)
-        family.set_block(layer, block)
-        if layer_cfg.get("quant"):  # weight-only quantized experts (moepress_quant.py)
-            apply_quant_layout(block, layer_cfg["quant"])
+        family.set_block(layer, rebuild_block(family.block_of(layer), config, layer_cfg))
 
 
 def _with_moepress_blocks(base_name: str):
