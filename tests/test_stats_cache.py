@@ -275,3 +275,17 @@ def test_bench_passes_the_cache_and_propagation_to_every_run(tiny_checkpoint, ca
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "c").glob("??/*.pt"))) == 2  # one frequency per MoE layer, for both ratios
     assert counts["hits"] == 2  # the second ratio read both
+
+
+def test_the_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path):
+    from moepress.stats_cache import _file_digest
+
+    def digest(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return _file_digest(str(path))
+
+    base = digest("a.py", 'def f(x):\n    """Doc."""\n    return x + 1\n')
+    assert digest("b.py", 'def f(x):  # a comment\n    """Another doc."""\n\n    return x + 1\n') == base
+    assert digest("c.py", 'def f(x):\n    return x + 1\n') == base
+    assert digest("d.py", 'def f(x):\n    """Doc."""\n    return x + 2\n') != base

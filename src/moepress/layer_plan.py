@@ -242,31 +242,23 @@ def measure_sensitivity(model, calibration, selected: list[int], floors: dict[in
     time (`store.load_original` / `store.release`), so memory stays one layer + the hidden states."""
     import torch
 
-    from .arch import decoder_layers, layer_view
+    from .arch import layer_view
     from .calib import LayerStatistics
-    from .pipeline import capture_layer_inputs, collect_block_inputs, run_layer, to_device
+    from .run.walk import capture_layer_inputs, collect_block_inputs, run_layer, source_layers, to_device
 
     device = torch.device(device) if device is not None else None
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size)
     kwargs = to_device(kwargs, device)
     curves: dict[int, dict[int, float]] = {}
     last = max(selected)
-    for i in range(last + 1):
-        layer = store.load_original(i)
-        try:
-            if device is not None:
-                layer.to(device)
-            if i in floors:
-                view = layer_view(model, i)
-                inputs = collect_block_inputs(layer, view.block, i, hidden, kwargs, device)
-                curves[i] = sensitivity_curve(view, inputs, allowed_counts(view, floors[i]), LayerStatistics.reduce)
-                del inputs
-            if i < last:
-                hidden = run_layer(layer, i, hidden, kwargs, device)
-        finally:
-            if device is not None and device.type != "cpu":
-                layer.to("cpu")
-            store.release(i)
+    for i, layer in source_layers(store, range(last + 1), device):
+        if i in floors:
+            view = layer_view(model, i)
+            inputs = collect_block_inputs(layer, view.block, i, hidden, kwargs, device)
+            curves[i] = sensitivity_curve(view, inputs, allowed_counts(view, floors[i]), LayerStatistics.reduce)
+            del inputs
+        if i < last:
+            hidden = run_layer(layer, i, hidden, kwargs, device)
     return curves
 
 

@@ -31,6 +31,7 @@ larger than the cap is not stored, said once). The directory defaults to
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -43,11 +44,13 @@ import torch
 from torch import nn
 
 from . import distributed
+from .calib import stats as stats_module
+from .calib.stats import MISSING, cacheable
+from .run.walk import source_layers
 
 #: Bumped when the key scheme or the file format changes.
 CACHE_FORMAT = "1"
 DEFAULT_GB = 20.0
-MISSING = object()
 
 
 def default_directory() -> Path:
@@ -266,17 +269,27 @@ def combine(*parts) -> str:
 
 @functools.cache
 def _file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hash of the code of a Python file: its syntax tree without docstrings, so an edit of a comment,
+    a docstring or the layout keeps the cached values, and any edit of what runs drops them."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
 @functools.cache
 def code_version(*files: str) -> str:
-    """Hash of `files` plus the `arch` and `ops` packages, `calib/stats.py`, the moepress and torch
-    versions: an edit anywhere there invalidates the values computed by that code."""
+    """Hash of `files` plus the `arch` and `ops` packages, `calib/stats.py`, the layer walk that feeds
+    every statistic its inputs (`run/walk.py`), the moepress and torch versions: an edit of the code
+    anywhere there (not of its comments or docstrings: `_file_digest`) invalidates the values."""
     from . import __version__
 
     here = Path(__file__).parent
-    every = {str(Path(f)) for f in files} | {str(here / "calib" / "stats.py")}
+    every = {str(Path(f)) for f in files} | {str(here / "calib" / "stats.py"), str(here / "run" / "walk.py")}
     every |= {str(p) for p in (here / "arch").glob("*.py")} | {str(p) for p in (here / "ops").glob("*.py")}
     return combine(CACHE_FORMAT, __version__, torch.__version__,
                    *(f"{Path(f).name}:{_file_digest(f)}" for f in sorted(every)))
@@ -285,8 +298,6 @@ def code_version(*files: str) -> str:
 def statistic_version(name: str) -> str:
     """Code version of statistic `name` (`code_version` of the module that defines it)."""
     import inspect
-
-    from .calib import stats as stats_module
 
     return code_version(inspect.getsourcefile(stats_module._STATISTICS[name]))
 
@@ -373,17 +384,11 @@ class PipelineCache:
         names = list(needs.statistics)
         if self.propagation != "original" or needs.reads_inputs:
             return True
-        from .calib.stats import cacheable
-
         if not all(cacheable(n) for n in names):
             return True
         keys = LayerKeys(self.keys.inputs)
-        for i in range(num_layers):
-            layer = store.load_original(i)
-            try:
-                digest = module_digest(layer)
-            finally:
-                store.release(i)
+        for i, layer in source_layers(store, range(num_layers)):
+            digest = module_digest(layer)
             self.digests[i] = digest
             self.inputs[i] = keys.inputs
             keys.advance(digest)
@@ -424,12 +429,8 @@ def weights_digest(model: nn.Module, store=None) -> str:
     layers = decoder_layers(model)
     h = _hasher()
     _update_outside_layers(h, model, layers)
-    for i in range(len(layers)):
-        layer = store.load_original(i)
-        try:
-            h.update(module_digest(layer).encode())
-        finally:
-            store.release(i)
+    for _, layer in source_layers(store, range(len(layers))):
+        h.update(module_digest(layer).encode())
     return h.hexdigest()
 
 

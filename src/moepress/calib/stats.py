@@ -29,6 +29,8 @@ import torch
 from .. import distributed
 from ..arch import MoELayerView, Routing
 
+MISSING = object()  # what a statistics cache (`moepress.stats_cache`) returns for a value it does not hold
+
 _STATISTICS: dict[str, Callable[["LayerStatistics"], object]] = {}
 _SUMMED: set[str] = set()
 _NOT_CACHEABLE: set[str] = set()
@@ -98,8 +100,8 @@ class LayerStatistics:
             if name not in _STATISTICS:
                 raise KeyError(f"unknown statistic {name!r}; known: {sorted(_STATISTICS)}")
             cached = name not in _NOT_CACHEABLE and self.disk is not None
-            value = self.disk.load(name) if cached else _missing()
-            if value is _missing():
+            value = self.disk.load(name) if cached else MISSING
+            if value is MISSING:
                 if self.without_inputs:
                     raise RuntimeError(f"statistic {name!r} is not in the statistics cache and the layer inputs were "
                                        f"not propagated; the method must list it in `needs` and set "
@@ -139,12 +141,6 @@ class LayerStatistics:
         The routing is the cached statistic "routing": every statistic and fit of this layer
         reads the same router outputs, computed once."""
         yield from zip(self.batches, self["routing"])
-
-
-def _missing():
-    from ..stats_cache import MISSING  # here: stats_cache imports this module
-
-    return MISSING
 
 
 def cacheable(name: str) -> bool:

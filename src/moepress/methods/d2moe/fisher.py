@@ -61,7 +61,7 @@ from ...arch import MoELayerView, decoder_layers, layer_view, moe_layer_indices
 from ...distributed import all_reduce_sum
 from ...ops.fisher_merge import fisher_merge
 from ...layer_store import InMemoryLayers
-from ...pipeline import capture_layer_inputs, run_layer
+from ...run.walk import capture_layer_inputs, layer_output, run_layer, source_layers
 
 PROJECTIONS = ("gate", "up", "down")
 SCRATCH = "fisher"  # sub-directory of a streaming run's work directory
@@ -178,8 +178,7 @@ def _forward_walk(model, store, batches, first_moe: int, inputs: LayerFiles):
     counts)."""
     hidden, kwargs = capture_layer_inputs(model, None, 0, batches=batches)
     counts: dict[int, torch.Tensor] = {}
-    for i in range(len(decoder_layers(model))):
-        layer = store.load_original(i)
+    for i, layer in source_layers(store, range(len(decoder_layers(model)))):
         view = layer_view(model, i)
         if i >= first_moe:
             inputs.write(i, {f"batch-{b:06d}": h for b, h in enumerate(hidden)})
@@ -191,7 +190,6 @@ def _forward_walk(model, store, batches, first_moe: int, inputs: LayerFiles):
         finally:
             for h in hooks:
                 h.remove()
-        store.release(i)
     return hidden, kwargs, counts
 
 
@@ -222,7 +220,7 @@ def _backward_layer(layer, index, inputs: LayerFiles, grads, kwargs, params, pas
         x = inputs.read(index, f"batch-{b:06d}").to(device).requires_grad_(pass_down)
         with torch.enable_grad():
             y = layer(x, **kwargs[(index, x.shape[0])])
-            y = y[0] if isinstance(y, tuple) else y
+            y = layer_output(y)
         wrt = list(params) + ([x] if pass_down else [])
         out = torch.autograd.grad(y, wrt, grad_outputs=grads[b].to(y.device), allow_unused=True)
         for a, g in zip(acc, out):
@@ -246,8 +244,7 @@ def _merged_bases(view: MoELayerView, acc: list[torch.Tensor], batches: torch.Te
 def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: LayerFiles,
                    precision: torch.dtype) -> None:
     first_moe = min(counts)
-    for i in range(len(decoder_layers(model)) - 1, first_moe - 1, -1):
-        layer = store.load_original(i)
+    for i, layer in source_layers(store, range(len(decoder_layers(model)) - 1, first_moe - 1, -1)):  # down
         view = layer_view(model, i)
         params = _expert_params(view) if view is not None else []
         try:
@@ -261,7 +258,6 @@ def _backward_walk(model, store, inputs, grads, kwargs, counts, batches, bases: 
         if view is not None:
             bases.write(i, _merged_bases(view, acc, batches, counts[i]))
         del acc
-        store.release(i)
         inputs.remove(i)
 
 
