@@ -12,6 +12,9 @@ Rows: the original top-k; stock top-k_main and top-(k_main+1) (a stock model at 
 budget); the paper's vectors-only block fine-tuned by the default recipe; the fitted mini-experts
 (`aux_width`, the defaults of `moepress methods compressed_experts`) before any training, after
 the default fine-tune (`distill`) and after the previous default (`vectors`: next-token loss).
+`--generated N` (default 128, the recipe's): N sequences sampled from the original model join the
+calibration (`compress --calib-generated N`) and the fine-tuning rows (`FinetuneConfig.generated`);
+0 = the calibration text alone.
 "rec" = share of the top-k_main -> top-k gap recovered, (ppl_main - ppl) / (ppl_main - ppl_top-k),
 on the ood geometric mean; active/stored = routed parameters per token / stored (the record's counts).
 `--quick`: a tiny random Mixtral, width 2, 2 fine-tuning steps, 32-token windows: plumbing only.
@@ -68,11 +71,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--per-domain", type=int, default=0, help="evaluation windows per domain (0 = all)")
+    ap.add_argument("--generated", type=int, default=128,
+                    help="sequences sampled from the original model added to the calibration (compress "
+                         "--calib-generated) and to the fine-tune (FinetuneConfig.generated); 0 = neither")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny random model and sizes (smoke run)")
     args = ap.parse_args()
     print_provenance()
-    quick(ap, args, aux_width=2, steps=2, seq_len=32, samples=8, per_domain=2)
+    quick(ap, args, aux_width=2, steps=2, seq_len=32, samples=8, per_domain=2, generated=2)
     base, tok, path = load_reference(str(quick_model()) if args.quick else args.model)
     k = base.config.num_experts_per_tok
     k_main = args.k_main or max(1, k // 2)
@@ -85,18 +91,19 @@ def main() -> None:
     held = eval_windows(tok, args.seq_len, args.per_domain)
     train_ids = build_calibration(tok, str(calib), samples=args.samples, seq_len=args.seq_len, seed=0).input_ids
     print(f"model {path}: top-{k} -> {k_main} main + {k - k_main} compressed; calibration and fine-tuning text: "
-          f"first half of {', '.join(calib_domains)} ({train_ids.shape[0]} x {args.seq_len} tokens); evaluation: "
+          f"first half of {', '.join(calib_domains)}{f' + {args.generated} sampled' if args.generated else ''} ({train_ids.shape[0]} x {args.seq_len} tokens); evaluation: "
           f"second halves, {sum(v.shape[0] for v in held.values())} windows; ood = {', '.join(ood)}", flush=True)
 
     def fitted(**options):
         result = moepress.compress(str(path), "compressed_experts", k_main=k_main, calib=str(calib),
                                    samples=args.samples, seq_len=args.seq_len, seed=0, offload=False,
-                                   stats_cache=False, dtype="float32", **options)
+                                   stats_cache=False, dtype="float32", calib_generated=args.generated, **options)
         return result.model.float().eval(), result.record["config"]
 
     def tuned(model, recipe):
         model = copy.deepcopy(model)
-        finetune(model, train_ids, FinetuneConfig(recipe=recipe, steps=args.steps), progress=False, log=lambda m: None)
+        finetune(model, train_ids, FinetuneConfig(recipe=recipe, steps=args.steps, generated=args.generated),
+                 progress=False, log=lambda m: None)
         return model.eval()
 
     rows = {}
@@ -133,7 +140,8 @@ def main() -> None:
     print("* = calibration domain (in domain); rec = share of the top-k_main -> top-k gap recovered on the ood "
           "geometric mean; active = parameters per token, stored = all parameters")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(path), "calib": calib_domains, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": str(path), "calib": calib_domains, "generated": args.generated,
+                                              "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,60 @@ def test_layer_routing_is_computed_once_whatever_reads_it(tokenizer, calib_file)
     assert calls == [7, 5]
     assert frequency.sum() == 12 * view.top_k and weights.sum() > 0
     assert torch.equal(again[0], route(batches[0]).index) and torch.equal(again[2], again[0])
+
+
+def test_sampled_sequences_are_the_model_s_own_and_reproducible():
+    from moepress.calib.generated import sample_sequences
+
+    model = tiny_model("qwen3_moe").eval()
+    config = model.config
+    with pytest.raises(CalibrationError, match="BOS or EOS"):
+        sample_sequences(model, None, 1, 4)
+    config.bos_token_id = 1
+    a = sample_sequences(model, None, 3, 12, seed=5, batch_size=2)
+    assert a.shape == (3, 12) and a.dtype == torch.long
+    assert (a[:, 0] == 1).all() and int(a.max()) < config.vocab_size
+    assert torch.equal(a, sample_sequences(model, None, 3, 12, seed=5, batch_size=3))  # batching does not matter
+    assert not torch.equal(a, sample_sequences(model, None, 3, 12, seed=6))
+    # the samples follow the model: with all but one logit pushed down, only that token is drawn
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.full((config.vocab_size,), -1e4))
+        model.lm_head.bias[7] = 0.0
+    assert (sample_sequences(model, None, 2, 6, seed=0)[:, 1:] == 7).all()
+    with pytest.raises(CalibrationError, match="sequences >= 1"):
+        sample_sequences(model, None, 0, 12)
+
+
+def test_compress_with_sampled_calibration_records_and_replays_it(tiny_checkpoint, calib_file, tmp_path):
+    import moepress
+    from moepress.checks import InputError
+
+    src = tiny_checkpoint("mixtral")
+    first = moepress.compress(src, "reap", 0.5, calib=calib_file, samples=4, seq_len=16, calib_generated=3)
+    described = first.record["calibration"]
+    assert described["generated"] == 3 and described["sequences"] == 4 + 3 and described["source"] == str(calib_file)
+    assert first.record["job"]["calibration"]["generated"] == 3
+    plain = moepress.compress(src, "reap", 0.5, calib=calib_file, samples=4, seq_len=16)
+    assert plain.record["calibration"]["generated"] == 0
+    assert plain.record["calibration"]["token_sha256"] != described["token_sha256"]
+    path = first.save(tmp_path / "first")
+    again = moepress.replay(path)
+    assert again.record["calibration"] == described  # the same text rows and the same sampled rows
+    with pytest.raises(InputError, match="calib-generated"):
+        moepress.compress(src, "reap", 0.5, calib=calib_file, calib_generated=-1)
+
+
+def test_the_cli_takes_calib_generated(tiny_checkpoint, calib_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from moepress.cli import app
+
+    res = CliRunner().invoke(app, ["compress", str(tiny_checkpoint("olmoe")), "-m", "frequency", "--ratio", "0.5",
+                                   "--calib", str(calib_file), "--samples", "2", "--seq-len", "16",
+                                   "--calib-generated", "2", "--quiet", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "out" / "moepress.json").read_text())
+    assert record["calibration"]["generated"] == 2 and record["calibration"]["sequences"] == 4
+    res = CliRunner().invoke(app, ["compress", str(tiny_checkpoint("olmoe")), "-m", "frequency", "--ratio", "0.5",
+                                   "--calib-generated", "-1", "-o", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--calib-generated must be" in res.output and not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ import torch
 
 from moepress.arch import moe_layer_views, set_moe_block, tiny_model
 from moepress.methods.compressed_experts.finetune import (
-    FinetuneConfig, FinetuneWarning, finetune, finetune_record, load_state, plot_losses, validation_loss,
+    FinetuneConfig, FinetuneError, FinetuneWarning, finetune, finetune_record, load_state, plot_losses, validation_loss,
 )
 from moepress.modeling.moepress_compressed import CompressedExpertsBlock
 
@@ -118,3 +118,14 @@ def test_finetune_checkpoint_leaves_no_state_folder_and_records_the_split(tiny_c
     assert not out.with_name(out.name + ".state").exists() and (path / "loss.png").exists()
     record = json.loads((path / "moepress.json").read_text())["finetune"]
     assert record["validation_sequences"] == 1 and len(record["validation"]) == 3
+
+
+def test_distill_trains_on_sequences_sampled_from_the_original_model_too():
+    ids = _ids(10)
+    result = finetune(_compressed_tiny(), ids, FinetuneConfig(steps=1, batch_size=2, generated=6), progress=False)
+    assert (result.plan.train_sequences, result.plan.validation_sequences, result.plan.generated) == (9 + 6, 1, 6)
+    assert "6 of them sampled from the original model" in result.plan.line()
+    assert FinetuneConfig().generated == 128 and FinetuneConfig(recipe="vectors").generated == 0
+    assert finetune_record(FinetuneConfig(generated=6), result, "text")["config"]["generated"] == 6
+    with pytest.raises(FinetuneError, match="generated must be >= 0"):
+        FinetuneConfig(generated=-1)

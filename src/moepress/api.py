@@ -110,7 +110,7 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
              progress=None, log=None, device: str | torch.device = "auto", hidden_on: str = "auto",
              quantize: str | None = "none", layers: str | None = None, budget: str = "uniform",
              budget_floor: int | None = None, stats_cache=True, propagate: str | None = None,
-             **options) -> CompressionResult:
+             calib_generated: int = 0, **options) -> CompressionResult:
     """Compress `model` (path, hub id or model object) with registered method `method`.
 
     Args:
@@ -119,6 +119,11 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         calib: calibration source (file, folder, jsonl, saved dataset; None = built-in text).
             Ignored, like `tokenizer`, by a method that needs no calibration (`needs_calibration`).
         samples, seq_len: packed calibration sequences (seq_len default min(2048, max positions)).
+        calib_generated: also sample that many sequences of `seq_len` tokens from the source model
+            itself and add them to the calibration (`moepress.calib.generated`; 0 = none): a one-domain
+            `calib` then no longer bends the fit toward its domain (issue 23: Compressed Experts'
+            mini-experts). Sampling runs the whole model, so a bounded-memory run loads it once in
+            full for that. Recorded in moepress.json (`job.calibration.generated`, the token hash).
         offload: bounded memory: decoder layers are read from the model directory one at a time and
             finished layers written to a work directory; the result's model is complete in its
             checkpoint after `save`. "auto" (default): on when `model` is a local directory and the
@@ -162,7 +167,7 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
                             seed=seed, batch_size=batch_size, tokenizer=tokenizer, dtype=dtype, offload=offload,
                             out=out, overwrite=overwrite, device=device, hidden_on=hidden_on, quantize=quantize,
                             layers=layers, budget=budget, budget_floor=budget_floor, stats_cache=stats_cache,
-                            propagate=propagate, **options)
+                            propagate=propagate, calib_generated=calib_generated, **options)
     return run_job(job, progress=progress, log=log)
 
 
@@ -300,8 +305,35 @@ def _calibrate(job: CompressJob, model: nn.Module, tokenizer, stages: dict):
     if seq_len is None:
         seq_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048)))
     calibration = build_calibration(tokenizer, spec.source, samples=spec.samples, seq_len=seq_len, seed=spec.seed)
+    if spec.generated:
+        calibration = _with_generated(job, model, tokenizer, calibration, seq_len)
     stages["calibration"] = stage_figures(t0)
     return calibration
+
+
+def _with_generated(job: CompressJob, model: nn.Module, tokenizer, calibration, seq_len: int):
+    """`calibration` plus `job.calibration.generated` sequences sampled from the source model (rank 0
+    samples, every rank gets the same tokens). A streamed run's layers are on the meta device, so the
+    model is loaded once in full for the sampling and freed."""
+    from .calib.generated import sample_sequences
+    from .layer_store import release_freed_memory
+
+    spec = job.calibration
+    ids = None
+    if distributed.is_main_process():
+        sampler = model
+        if job.streams:
+            sampler, _ = load_pretrained(job.model, dtype=torch.float32, require_tokenizer=False)
+        sampler.to(torch.device(job.device))
+        ids = sample_sequences(sampler, tokenizer, spec.generated, seq_len, seed=spec.seed)
+        if sampler is not model:
+            del sampler
+            release_freed_memory()
+        else:
+            model.to("cpu")
+    ids = distributed.broadcast_object(ids)
+    return dataclasses.replace(calibration, input_ids=torch.cat([calibration.input_ids, ids.to(torch.long)]),
+                               generated=spec.generated)
 
 
 def _check_shards(calibration) -> None:

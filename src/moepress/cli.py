@@ -239,6 +239,8 @@ def compress(
     experts: Optional[int] = typer.Option(None, help="routed experts kept per layer (replaces --ratio)"),
     calib: Optional[str] = typer.Option(None, help="calibration file, folder, jsonl or saved dataset"),
     samples: int = typer.Option(128, help="calibration sequences"),
+    calib_generated: int = typer.Option(0, "--calib-generated", help="also calibrate on N sequences sampled from "
+                                        "the model itself (widens a one-domain --calib)"),
     seq_len: Optional[int] = typer.Option(None, help="tokens per sequence (default min(2048, max positions))"),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8, help="sequences per forward batch"),
@@ -301,7 +303,7 @@ def compress(
                                 offload="auto" if offload is None else offload, device=device, hidden_on=hidden_on,
                                 quantize=quantize, layers=layers, budget=budget, budget_floor=budget_floor,
                                 stats_cache=_stats_cache_arg(stats_cache, no_stats_cache), propagate=propagate,
-                                **options)
+                                calib_generated=calib_generated, **options)
     work = job.out.path.parent / f".{job.out.path.name}.work"
     with _interrupts(lambda verb: _interrupted_line(verb, work, model)):
         with _user_errors():

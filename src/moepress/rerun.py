@@ -71,8 +71,11 @@ def arguments(record: dict) -> dict:
         args["calib"] = None if source == "builtin:calib" else source
         # sequences used == samples asked: fewer than available means they were drawn with this
         # count and seed; all available means any count >= it takes them all, in order
-        args["samples"] = calib["sequences"]
+        generated = int(calib.get("generated") or 0)  # sampled from the model, after the text's sequences
+        args["samples"] = calib["sequences"] - generated
         args["seq_len"] = calib["seq_len"]
+        if generated:
+            args["calib_generated"] = generated
     if not args["model"]:
         raise InputError("this record names no source model (it was compressed from a model object): "
                          "replay it through the API with the same object")

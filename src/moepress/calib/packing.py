@@ -17,12 +17,14 @@ from .sources import CalibrationError, load_texts
 
 @dataclass
 class CalibrationSet:
-    """Packed calibration tokens `input_ids [n, seq_len]` and where they came from."""
+    """Packed calibration tokens `input_ids [n, seq_len]` and where they came from (the last
+    `generated` rows sampled from the model itself: `calib.generated`)."""
 
     input_ids: torch.Tensor
     source: str
     seed: int
     available_sequences: int
+    generated: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -36,7 +38,7 @@ class CalibrationSet:
         n, seq_len = self.input_ids.shape
         digest = hashlib.sha256(self.input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
         return {"source": self.source, "sequences": n, "seq_len": seq_len, "tokens": n * seq_len,
-                "seed": self.seed, "available_sequences": self.available_sequences,
+                "seed": self.seed, "available_sequences": self.available_sequences, "generated": self.generated,
                 "token_sha256": digest}  # `--replay` checks it: the same tokens, or an error
 
 

@@ -34,13 +34,16 @@ class CalibrationSpec:
 
     source: a file, folder, .jsonl or saved dataset (None = the built-in text), or an object
         `calib.build_calibration` accepts (API). samples x seq_len tokens (seq_len None = min(2048,
-        the model's max positions)), shuffled with `seed`; `batch_size` sequences per forward."""
+        the model's max positions)), shuffled with `seed`; `batch_size` sequences per forward.
+        `generated`: that many more sequences sampled from the source model itself and added
+        (`calib.generated`: widens a one-domain calibration text; 0 = none)."""
 
     source: Any = None
     samples: int = 128
     seq_len: int | None = None
     seed: int = 0
     batch_size: int = 8
+    generated: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,14 @@ class CompressJob:
               tokenizer=None, dtype="auto", offload: bool | str | Path = "auto", out: str | Path | None = None,
               overwrite: bool = False, device="auto", hidden_on: str = "auto", quantize: str | None = "none",
               layers: str | None = None, budget: str = "uniform", budget_floor: int | None = None,
-              stats_cache=True, propagate: str | None = None, **options) -> CompressJob:
+              stats_cache=True, propagate: str | None = None, calib_generated: int = 0, **options) -> CompressJob:
         """Check every argument of `moepress.compress` (its docstring says what each means) and
         resolve the defaults that depend on the method or the source; raises an `InputError` /
         `ConfigError` naming the first problem. Nothing is loaded and nothing written."""
         check_arguments(model, method, ratio, experts=experts, calib=calib, samples=samples, seq_len=seq_len,
                         batch_size=batch_size, dtype=dtype, quantize=quantize, layers=layers, budget=budget,
                         budget_floor=budget_floor, propagate=propagate, hidden_on=hidden_on, out=out,
-                        overwrite=overwrite)
+                        overwrite=overwrite, calib_generated=calib_generated)
         # Only now the modules that import torch (the method registry, devices, loading, the cache):
         # a mistyped argument is answered in a fraction of a second, before torch has loaded.
         from ..devices import resolve_device
@@ -119,7 +122,7 @@ class CompressJob:
         check_method_plan(method_obj.name, needs, layers, budget)
         return cls(
             model=model, source=source, method=method_obj.name, config=method_obj.config, requirements=needs,
-            calibration=CalibrationSpec(calib, samples, seq_len, seed, batch_size),
+            calibration=CalibrationSpec(calib, samples, seq_len, seed, batch_size, int(calib_generated)),
             selection=LayerSelection(layers, budget, budget_floor),
             propagation=_propagation(propagate, needs), device=str(resolve_device(device)),
             dtype=dtype_name(resolve_dtype(dtype, model)), hidden_on=hidden_on,
@@ -165,13 +168,16 @@ def check_arguments(model, method: str, ratio: float | None = None, *, experts: 
                     samples: int = 128, seq_len: int | None = None, batch_size: int = 8, dtype="auto",
                     quantize: str | None = "none", layers: str | None = None, budget: str = "uniform",
                     budget_floor: int | None = None, propagate: str | None = None,
-                    hidden_on: str = "auto", out: str | Path | None = None, overwrite: bool = False) -> None:
+                    hidden_on: str = "auto", out: str | Path | None = None, overwrite: bool = False,
+                    calib_generated: int = 0) -> None:
     """The checks of `CompressJob.build` that need neither torch nor the method registry: names,
     numbers, choices and paths, in the order a user reads the command line. Raises an `InputError`
     naming the first problem."""
     checks.check_method_name(method)
     checks.check_ratio(ratio, experts)
     checks.check_positive(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if not isinstance(calib_generated, int) or isinstance(calib_generated, bool) or calib_generated < 0:
+        raise checks.InputError(f"--calib-generated must be a whole number >= 0 (sequences), got {calib_generated!r}")
     if isinstance(dtype, str):
         checks.check_dtype(dtype)
     _check_choice("quantize", quantize if quantize is not None else "none", checks.QUANTIZE_CHOICES)

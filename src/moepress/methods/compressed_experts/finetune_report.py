@@ -27,6 +27,7 @@ class FinetunePlan:
     seq_len: int
     steps: int
     batch_size: int
+    generated: int = 0  # of the training sequences, sampled from the original model
 
     @property
     def epochs(self) -> float:
@@ -35,7 +36,8 @@ class FinetunePlan:
     def line(self) -> str:
         held = f" (+{self.validation_sequences} held out for validation)" if self.validation_sequences else \
             " (none held out: one sequence only, no validation loss)"
-        return (f"finetune: {self.train_sequences} training sequences of {self.seq_len} tokens{held}; "
+        sampled = f", {self.generated} of them sampled from the original model" if self.generated else ""
+        return (f"finetune: {self.train_sequences} training sequences of {self.seq_len} tokens{sampled}{held}; "
                 f"{self.steps} steps of batch {self.batch_size} = {self.epochs:.1f} epochs")
 
     def warning(self) -> str | None:
