@@ -581,6 +581,8 @@ def finetune(
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill",
                                            help="KL to the original top-k model's logits (default: the recipe's)"),
     holdout: float = typer.Option(0.1, help="fraction of the packed sequences held out for validation loss (0 = none)"),
+    generated: Optional[int] = typer.Option(None, help="training sequences sampled from the original top-k model, "
+                                            "added to --data's (default: the recipe's; distill 128)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the recipe's)"),
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256),
@@ -606,7 +608,8 @@ def finetune(
         from moepress.methods.compressed_experts.finetune import FinetuneConfig
 
         config = FinetuneConfig(recipe=recipe, steps=steps, batch_size=batch_size, lr=lr, train=train,
-                                distill=distill, save_every=save_every, seed=seed, holdout=holdout)
+                                distill=distill, save_every=save_every, seed=seed, holdout=holdout,
+                                generated=generated)
         path = finetune_checkpoint(checkpoint, data, out, config, samples=samples, seq_len=seq_len, resume=resume,
                                    progress=not quiet, overwrite=overwrite or resume, dtype=dtype, device=device)
     Console().print(f"checkpoint: {path} (loss curve {path / 'loss.png'})")
