@@ -89,3 +89,33 @@ def test_a_signal_during_the_save_waits_for_the_save(capsys):
         time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert capsys.readouterr().err.splitlines() == ["SIGINT received: finishing the save of OUT first"]
+
+
+def test_a_work_directory_from_moepress_0_1_resumes(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    """moepress 0.1 wrote a finished stock layer's block as `{"experts": m}` in progress.json; the run
+    key has no code version, so today's run adopts that directory and must rebuild the layer from it."""
+    src = tiny_checkpoint("mixtral")
+    stored = layer_store.StreamingLayers.offload
+
+    def offload(self, index, record=None):
+        stored(self, index, record)
+        if index == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(layer_store.StreamingLayers, "offload", offload)
+    assert CliRunner().invoke(cli.app, _args(src, calib_file, tmp_path / "out")).exit_code == 143
+    monkeypatch.setattr(layer_store.StreamingLayers, "offload", stored)
+    progress = tmp_path / ".out.work" / "progress.json"
+    state = json.loads(progress.read_text())
+    kept = state["layers"]["0"]["block"]["num_experts"]
+    assert state["layers"]["0"]["block"] == {"kind": "experts", "num_experts": kept}
+    state["layers"]["0"]["block"] = {"experts": kept}  # the 0.1 form
+    progress.write_text(json.dumps(state))
+
+    rerun = CliRunner().invoke(cli.app, _args(src, calib_file, tmp_path / "out"))
+    assert rerun.exit_code == 0, rerun.output
+    assert "resumed: 1 finished layer(s)" in rerun.output
+    reference = moepress.compress(src, "reap", 0.5, calib=calib_file, samples=4, seq_len=32, offload=False)
+    with torch.no_grad():
+        diff = (moepress.load(tmp_path / "out")(_ids()).logits - reference.model(_ids()).logits).abs().max()
+    assert diff <= 1e-5

@@ -84,6 +84,15 @@ class InMemoryLayers:
         self.offload(index)
 
 
+def _current_block_info(info: dict) -> dict:
+    """A progress file's block description in today's form: before `describe_block` (moepress 0.1)
+    a stock block with m routed experts was written `{"experts": m}`; the run key has no code
+    version, so such a work directory is adopted by a resumed run and must still rebuild."""
+    if info and "kind" not in info and set(info) == {"experts"}:
+        return {"kind": "experts", "num_experts": int(info["experts"])}
+    return info
+
+
 class StreamingLayers:
     """Layer store over a source checkpoint; finished layers go to `work_dir` as one shard each.
 
@@ -121,7 +130,7 @@ class StreamingLayers:
         distributed.barrier()
         if state.get("run_key") != run_key:
             return 0
-        self.done = {int(k): v for k, v in state["layers"].items()}
+        self.done = {int(k): {**v, "block": _current_block_info(v["block"])} for k, v in state["layers"].items()}
         self.shards = state["shards"]
         return len(self.done)
 
