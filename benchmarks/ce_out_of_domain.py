@@ -1,7 +1,7 @@
 """Compressed Experts out of domain: calibrate (and fine-tune) on ONE domain, measure all six.
 
     .venv/bin/python benchmarks/ce_out_of_domain.py [--model mixtral-ref] [--calib-domain linux]
-        [--k-main 1] [--aux-width 32] [--steps 200] [--json out.json]
+        [--k-main 1] [--aux-width auto] [--steps 200] [--json out.json]
 
 Each shipped held-out text of the zoo (moepress/zoo/assets/texts/heldout: code, foldoc, french,
 handbook, linux, python_docs) is cut in two at a line break: the first half of `--calib-domain`'s
@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--model", default="mixtral-ref")
     ap.add_argument("--calib-domain", default="linux", help="one held-out domain, or all")
     ap.add_argument("--k-main", type=int, default=None, help="default: top-k / 2")
-    ap.add_argument("--aux-width", type=int, default=32)
+    ap.add_argument("--aux-width", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="the mini-experts' width (default auto: the method's default, the expert width / 8)")
     ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps of each recipe")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--samples", type=int, default=128)
@@ -120,7 +121,7 @@ def main() -> None:
     measure(f"stock top-{k_main}", stock_top(base, k_main))
     if k_main + 1 < k:
         measure(f"stock top-{k_main + 1}", stock_top(base, k_main + 1))
-    paper, _ = fitted()
+    paper, _ = fitted(aux_width=None)  # the paper's block (vectors only)
     measure("paper vectors + finetune distill", tuned(paper, "distill"), "aux_width none (the paper's block)")
     fit, config = fitted(aux_width=args.aux_width)
     variant = f"aux_width {args.aux_width}, aux_fit {config['aux_fit']}, aux_ridge {config['aux_ridge']}"

@@ -74,7 +74,7 @@ def test_wider_mini_experts_approach_the_top_k_output():
     model = _model("olmoe")
     view = moe_layer_views(model)[0]
     x = torch.randn(512, view.hidden_size)
-    paper = _fitted(view, model, x, k_main=1).block
+    paper = _fitted(view, model, x, k_main=1, aux_width=None).block
     errors = [_layer_error(paper, view, x)]
     for width in (0, 4, view.intermediate_size // 2, view.intermediate_size):
         errors.append(_layer_error(_fitted(view, model, x, k_main=1, aux_width=width).block, view, x))
@@ -131,8 +131,14 @@ def test_accounting_counts_the_mini_experts_as_active():
 
 
 def test_options_and_calibration_need():
-    assert not build_method("compressed_experts").requirements().calibration  # the paper's method fits nothing
+    assert not build_method("compressed_experts", aux_width=None).requirements().calibration  # the paper fits nothing
+    assert build_method("compressed_experts", aux_width="none").config.aux_width is None
     assert build_method("compressed_experts", aux_width=0).requirements().calibration
+    default = build_method("compressed_experts")  # issue 23: the fitted mini-experts lead, at width I/8
+    assert default.config.aux_width == "auto" and default.requirements().calibration
+    assert [default.config.resolve_aux_width(i) for i in (256, 192, 20, 3)] == [32, 24, 2, 1]
+    with pytest.raises(ConfigError, match="aux_width must be auto, none or a width"):
+        build_method("compressed_experts", aux_width="wide")
     with pytest.raises(ConfigError, match="aux_width must be >= 0"):
         build_method("compressed_experts", aux_width=-1)
     with pytest.raises(ConfigError, match="aux_ridge"):

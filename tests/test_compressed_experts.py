@@ -161,7 +161,7 @@ def test_config_error_when_nothing_would_remain():
 
 def test_compress_layer_wraps_block_and_records_accounting():
     model = _model("qwen3_moe", 4)
-    method = build_method("compressed_experts", ratio=0.5)
+    method = build_method("compressed_experts", ratio=0.5, aux_width=None)  # the paper's block
     views = moe_layer_views(model)
     x = torch.randn(8, model.config.hidden_size)
     before = parameter_counts(model)
@@ -355,8 +355,8 @@ def test_compress_save_reload_same_logits(tmp_path, family, top_k):
     import moepress
 
     model = _model(family, top_k)
-    # this method reads no statistics: no calibration text and no tokenizer are needed
-    result = moepress.compress(model, "compressed_experts", ratio=0.5)
+    # the paper's block reads no statistics: no calibration text and no tokenizer are needed
+    result = moepress.compress(model, "compressed_experts", ratio=0.5, aux_width=None)
     assert result.tokenizer is None and result.record["calibration"] is None
     for block in result.model.modules():
         if isinstance(block, CompressedExpertsBlock):

@@ -5,9 +5,10 @@ moepress is about (D²-MoE, MergeMoE, Compressed Experts), each at the same rati
 every result are evaluated the same way (perplexity on the built-in held-out texts, two
 multiple-choice tasks) and shown in one table, parameters and quality side by side.
 
-Compressed Experts only swaps each token's lower-weighted activated experts for vectors that start
-at one; the paper learns them by fine-tuning (`moepress finetune`). The demo shows it untrained,
-labelled so. Speed is left out: on a model this small, timings are mostly noise.
+Compressed Experts runs with its default, fitted mini-experts standing in for each token's
+lower-weighted activated experts (`aux_width=auto`); its vectors start at one and are not trained
+here (`moepress finetune` would), so the row is the method before any training. Speed is left
+out: on a model this small, timings are mostly noise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.console import Console
 
 console = Console()
 DEFAULT_METHODS = ("reap", "d2moe", "mergemoe", "compressed_experts")
-LABELS = {"compressed_experts": "compressed_experts*"}  # * = untrained vectors (caption)
+LABELS = {"compressed_experts": "compressed_experts*"}  # * = fitted, not fine-tuned (caption)
 
 
 def _reference_model() -> str:
@@ -68,8 +69,8 @@ def run_demo(out: Path = Path("out/demo"), methods=DEFAULT_METHODS, ratio: float
     console.print(f"checkpoints: [bold]{Path(out)}/<method>[/] (each loads with moepress.load or "
                   f"AutoModelForCausalLM.from_pretrained); the numbers: {Path(out) / 'demo.json'}")
     if "compressed_experts" in methods:
-        console.print(f"compressed_experts is shown before its vectors are learned: `moepress finetune "
-                      f"{paths['compressed_experts']}` trains them")
+        console.print(f"compressed_experts is shown fitted, before any training: `moepress finetune "
+                      f"{paths['compressed_experts']}` distills it from the original (optional)")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return rows
 
@@ -94,7 +95,7 @@ def demo_table(rows: dict[str, dict], ratio: float):
                   caption=("↓ lower is better, ↑ higher is better. retained % = how much of the original's quality "
                            "is kept (original/compressed for perplexity, compressed/original for next-chunk "
                            "accuracy); 100 = nothing lost. geo-mean ppl = geometric mean of the held-out domains' "
-                           "perplexities. * vectors not yet learned (no finetune)."))
+                           "perplexities. * fitted mini-experts, not fine-tuned."))
     # headers broken into lines by hand: the table's natural width (74 columns with the longest
     # label, compressed_experts*) fits an 80-column terminal, so rich never folds a header mid-word
     columns = ("model", "params", "active\n/ token", "geo mean\nppl ↓", "retained\n%", "next\nchunk\nacc ↑",

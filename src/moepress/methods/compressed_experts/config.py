@@ -17,9 +17,10 @@ class CompressedExpertsConfig(MethodConfig):
 
     n_ce: int | None = field(default=None, metadata={"help": "activated experts replaced by compressed vectors per token"})
     k_main: int | None = field(default=None, metadata={"help": "main experts computed in full per token (top-k - n_ce)"})
-    aux_width: int | None = field(default=None, metadata={
+    aux_width: int | str | None = field(default="auto", metadata={
         "help": "our addition: each auxiliary expert also runs a width-R mini-expert fitted on calibration text "
-                "(its R most important neurons, down + bias by least squares); none = the paper (vectors only)"})
+                "(its R most important neurons, down + bias by least squares); auto = the expert width / 8 "
+                "(best out of domain on both references); none = the paper's block (vectors only, no calibration)"})
     aux_ridge: float = field(default=0.1, metadata={
         "help": "ridge of the mini-experts' least-squares fit (relative to the Gram's mean diagonal), toward "
                 "the kept neurons' own down columns; 0.1 measured best out of domain (was 1e-3)"})
@@ -42,12 +43,27 @@ class CompressedExpertsConfig(MethodConfig):
             raise ConfigError(f"n_ce must be >= 0, got {self.n_ce}")
         if self.k_main is not None and int(self.k_main) < 1:
             raise ConfigError(f"k_main must be >= 1, got {self.k_main}")
-        if self.aux_width is not None and int(self.aux_width) < 0:
+        if isinstance(self.aux_width, str) and self.aux_width != "auto":
+            raise ConfigError(f"aux_width must be auto, none or a width >= 0, got {self.aux_width!r}")
+        if isinstance(self.aux_width, int) and self.aux_width < 0:
             raise ConfigError(f"aux_width must be >= 0 (0 = an output vector per expert), got {self.aux_width}")
         if self.aux_fit not in ("auxiliary", "routed", "all"):
             raise ConfigError(f"aux_fit must be one of auxiliary, routed, all; got {self.aux_fit!r}")
         if self.aux_ridge < 0:
             raise ConfigError(f"aux_ridge must be >= 0, got {self.aux_ridge}")
+
+    def resolve_aux_width(self, intermediate_size: int) -> int | None:
+        """The mini-experts' width for experts of `intermediate_size` neurons (None = the paper's block).
+
+        `auto` = I/8: measured best out of domain at 1/8 of the width on both references
+        (`benchmarks/ce_out_of_domain.py`: R=32 of 256 on mixtral-ref, R=24 of 192 on qwen3-ref; a
+        top-4 -> 2 + 2 layer then activates 2.25 experts' worth of routed parameters against stock
+        top-3's 3)."""
+        if self.aux_width is None:
+            return None
+        if self.aux_width == "auto":
+            return max(1, round(intermediate_size / 8))
+        return int(self.aux_width)
 
     def resolve_k_main(self, top_k: int) -> int:
         """Main experts per token for a model routing to `top_k` experts (a clear error if impossible)."""

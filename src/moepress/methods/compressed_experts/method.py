@@ -1,9 +1,13 @@
-"""Compressed Experts (He et al. 2025): fewer activated experts per token + learned vectors.
+"""Compressed Experts (He et al. 2025): fewer activated experts per token + compressed stand-ins.
 
-The paper's method fits nothing here, so no calibration text, tokenizer or statistic is needed
-(`needs_calibration = False`): every MoE block is wrapped in a `CompressedExpertsBlock` whose
-vectors start at one (= top-`k_main` routing). The vectors are learned afterwards with
-`moepress finetune` (`finetune.py` beside this file); the paper trains them with full SFT (§3.1).
+The paper's method (`--opt aux_width=none`) fits nothing, so no calibration text, tokenizer or
+statistic is needed: every MoE block is wrapped in a `CompressedExpertsBlock` whose vectors start
+at one (= top-`k_main` routing) and are learned afterwards with `moepress finetune` (`finetune.py`
+beside this file); the paper trains them with full SFT (§3.1).
+
+Default (issue 23): `aux_width=auto`, the mini-experts below at width I/8, fitted here on the
+calibration text. They are what holds out of domain (README, "Compressed Experts"); the paper's
+block stays available unchanged and the record's config says which ran (`aux_width`).
 
 `aux_width=R` (our addition, not the paper's) also gives every expert a width-R mini-expert that
 stands in for it when it is auxiliary (`moepress.modeling.moepress_compressed`). It is fitted here,
@@ -126,9 +130,10 @@ def fit_auxiliary(view: MoELayerView, batches: list, k_main: int, width: int, ri
 class CompressedExperts(Method):
     ratio_help = ("fraction of each token's activated experts replaced by compressed stand-ins (top-k -> "
                   "k_main main experts + k - k_main compressed), so fewer active parameters per token; every "
-                  "expert stays stored (with --opt aux_width=R each also stores a width-R mini-expert)")
+                  "expert stays stored, and each also stores its width-R mini-expert (none with --opt aux_width=none)")
     name = "compressed_experts"
-    summary = "replace the lower-weighted activated experts of each token by learned compressed vectors (needs finetune)"
+    summary = ("replace the lower-weighted activated experts of each token by compressed stand-ins: fitted "
+               "mini-experts (default) or the paper's learned vectors (aux_width=none, needs finetune)")
     config_class = CompressedExpertsConfig
     export = "custom"
     needs = ()
@@ -152,12 +157,12 @@ class CompressedExperts(Method):
                 f"layer {view.layer_index} routes to top-{view.top_k}"
             )
         k_main = self.config.resolve_k_main(view.top_k)
-        aux_width = self.config.aux_width
-        if aux_width is not None and int(aux_width) > view.intermediate_size:
+        aux_width = self.config.resolve_aux_width(view.intermediate_size)
+        if aux_width is not None and aux_width > view.intermediate_size:
             raise ConfigError(f"aux_width={aux_width} is wider than the experts ({view.intermediate_size})")
         fitted = None
         if aux_width is not None and k_main < view.top_k:
-            fitted = fit_auxiliary(view, list(ctx.stats.routed()), k_main, int(aux_width),
+            fitted = fit_auxiliary(view, list(ctx.stats.routed()), k_main, aux_width,
                                    float(self.config.aux_ridge), ctx.stats.reduce, self.config.aux_fit,
                                    self.config.aux_bias)
         block = CompressedExpertsBlock(view.block, view.config, k_main=k_main, aux_width=aux_width)
