@@ -9,6 +9,7 @@ from .model import (
     layer_view,
     moe_layer_indices,
     moe_layer_views,
+    model_nonzero,
     parameter_counts,
     set_model_expert_count,
     set_moe_block,
@@ -21,6 +22,6 @@ from .view import MoELayerView, Routing, set_expert_count
 __all__ = [
     "FAMILIES", "SUPPORTED", "FamilySpec", "GroupRouting", "MoELayerView", "Routing", "UnsupportedArchitecture",
     "decoder_layers", "family_of", "is_stock_moe_block", "layer_view", "moe_layer_indices",
-    "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
+    "model_nonzero", "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
     "set_moe_block", "validate_expert_count", "tiny_config", "tiny_model",
 ]

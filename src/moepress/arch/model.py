@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .families import FAMILIES, SUPPORTED
@@ -119,6 +120,27 @@ def parameter_counts(model: nn.Module) -> dict:
         "active_per_token": total - routed + active_routed,
         "experts_per_layer": per_layer,
     }
+
+
+def model_nonzero(model: nn.Module) -> dict | None:
+    """`{"total", "routed_experts"}` with the stock routed experts' weights and biases counted by their
+    non-zeros, or None when no routed-expert value is exactly zero (a dense model: nothing to add).
+
+    Only stock blocks are counted (custom moepress blocks store factors, not sparsified weights)."""
+    dense = nonzero = 0
+    with torch.no_grad():
+        for i in range(len(decoder_layers(model))):
+            view = layer_view(model, i)
+            if view is None:
+                continue
+            for t in (view.gate_proj, view.up_proj, view.down_proj, view.gate_bias, view.up_bias, view.down_bias):
+                if t is not None:
+                    dense += t.numel()
+                    nonzero += int(torch.count_nonzero(t))
+    if nonzero == dense:
+        return None
+    counts = parameter_counts(model)
+    return {"total": counts["total"] - dense + nonzero, "routed_experts": counts["routed_experts"] - dense + nonzero}
 
 
 def validate_expert_count(model_or_config, count: int) -> None:

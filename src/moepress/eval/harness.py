@@ -99,7 +99,7 @@ def evaluate(model, tokenizer=None, ppl=(), tasks=(), seq_len: int = 256, stride
             report.metrics[f"params/{key}"] = value
         else:
             report.details.setdefault("params", {})[key] = value
-    from ..ops.nonzero import model_nonzero
+    from ..arch import model_nonzero
 
     for key, value in (model_nonzero(model) or {}).items():  # zeroed weights (MoE-Pruner): what is stored
         report.metrics[f"params/{key}_nonzero"] = value
