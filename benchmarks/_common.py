@@ -78,7 +78,7 @@ def quick(parser, args, argv=None, **values) -> None:
 
 
 def quick_model(family: str = "mixtral", layers: int = 2, **overrides) -> Path:
-    """A tiny random `family` model (moepress.arch.tiny_model) with mixtral-ref's tokenizer, saved in a
+    """A tiny random `family` model (moepress.testing.tiny_model) with mixtral-ref's tokenizer, saved in a
     temp dir removed at exit: the `--quick` stand-in for a reference model (plumbing, not quality)."""
     import atexit
     import shutil
@@ -86,7 +86,7 @@ def quick_model(family: str = "mixtral", layers: int = 2, **overrides) -> Path:
 
     import transformers
 
-    from moepress.arch import tiny_model
+    from moepress.testing import tiny_model
     from moepress.zoo import reference_model_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(reference_model_path("mixtral-ref")))

@@ -2,7 +2,7 @@
 
 Writes a synthetic Qwen3-30B-A3B checkpoint (the real dimensions: hidden 2048, 128 experts of
 768, top-8, 32 heads / 4 kv heads of 128, vocab 151936, untied embeddings; `--layers` decoder
-layers, random bfloat16 weights) with `moepress.arch.synthetic.write_synthetic_checkpoint`, which
+layers, random bfloat16 weights) with `moepress.testing.synthetic.write_synthetic_checkpoint`, which
 never holds more than one layer; then runs the CLI on it in a child process
 
     moepress compress CKPT --method reap --ratio 0.5 --samples 8 --seq-len 128 --out OUT
@@ -193,7 +193,7 @@ def main() -> None:
 
     import torch
 
-    from moepress.arch.synthetic import qwen3_30b_a3b_config, write_synthetic_checkpoint
+    from moepress.testing.synthetic import qwen3_30b_a3b_config, write_synthetic_checkpoint
 
     root = args.root or Path(tempfile.mkdtemp(prefix="moepress-capped-"))
     root.mkdir(parents=True, exist_ok=True)

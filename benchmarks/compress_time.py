@@ -11,7 +11,7 @@ its exit, and the wall time of the `compress` call alone (imports and the save a
 No statistics cache, so every method computes its statistics from scratch.
 
 `--model synthetic-qwen3`: a random Qwen3-MoE with the shape of the issue's held-out model and of
-the zoo's qwen3-ref (hidden 256, 4 layers, 16 experts of width 192, top-4; `moepress.arch.tiny_model`'s
+the zoo's qwen3-ref (hidden 256, 4 layers, 16 experts of width 192, top-4; `moepress.testing.tiny_model`'s
 random weights) written to a temp directory: the timing of every stage is that of the real shape even though the
 weights are not trained. `--quick`: a tiny random Mixtral, 4 x 32 calibration tokens, reap and d2moe
 (a smoke run).
@@ -52,7 +52,7 @@ def synthetic_qwen3(folder: Path, layers: int = 4) -> Path:
     """A random Qwen3-MoE of `QWEN3_SHAPE` with mixtral-ref's tokenizer, saved under `folder`."""
     import transformers
 
-    from moepress.arch import tiny_model
+    from moepress.testing import tiny_model
     from moepress.zoo import reference_model_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(reference_model_path("mixtral-ref")))

@@ -214,7 +214,7 @@ print("RESULT " + json.dumps({"seconds": seconds, "layer_seconds": layers, "peak
 def part_capped(args) -> dict:
     import torch
 
-    from moepress.arch.synthetic import qwen3_30b_a3b_config, write_synthetic_checkpoint
+    from moepress.testing.synthetic import qwen3_30b_a3b_config, write_synthetic_checkpoint
 
     layers = 2 if args.quick else args.capped_layers
     config = qwen3_30b_a3b_config(layers, **(QWEN3_TINY if args.quick else {}))

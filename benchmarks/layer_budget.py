@@ -1,4 +1,4 @@
-"""Per-layer expert budgets: `--budget auto` against `uniform` at equal stored parameters (layer_plan.py).
+"""Per-layer expert budgets: `--budget auto` against `uniform` at equal stored parameters (moepress/run/plan.py).
 
     .venv/bin/python benchmarks/layer_budget.py [--model mixtral-ref] [--ratio 0.5]
         [--methods frequency,reap,mergemoe] [--floor N] [--json out.json]

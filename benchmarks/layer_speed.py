@@ -44,7 +44,8 @@ from _common import gemm_gflops as gemm_peak
 from _common import print_provenance, quick
 from _layer_speed_stages import STAGES, Layer
 
-from moepress.arch import moe_layer_views, tiny_config
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_config
 
 SHAPES = {
     "mixtral": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2)),

@@ -43,7 +43,7 @@ def build(path: Path, layers: int, hidden: int, intermediate: int) -> float:
     import torch
     import transformers
 
-    from moepress.arch.tiny import tiny_config
+    from moepress.testing import tiny_config
 
     cfg = tiny_config("mixtral", num_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
                       num_attention_heads=8, num_key_value_heads=4)

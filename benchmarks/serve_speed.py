@@ -69,7 +69,7 @@ def _source(args, work: Path) -> Path:
     if args.synthetic:
         target = work / f"{args.synthetic}-{args.layers}l"
         if not (target / "config.json").exists():
-            code = ("import sys, torch; from moepress.arch.synthetic import qwen3_30b_a3b_config, "
+            code = ("import sys, torch; from moepress.testing.synthetic import qwen3_30b_a3b_config, "
                     "write_synthetic_checkpoint; from moepress.zoo import reference_model_path; import transformers; "
                     f"cfg = qwen3_30b_a3b_config(num_layers={args.layers}, vocab_size=4096, bos_token_id=0, eos_token_id=0); "
                     f"write_synthetic_checkpoint(cfg, sys.argv[1], dtype=getattr(torch, '{args.dtype}')); "

@@ -9,7 +9,7 @@ method at ratios 0.25, 0.375, 0.5, 0.625 it measures the CALIBRATION part of com
 - statistics: every statistic computed (`LayerStatistics.__getitem__`, the cache reads it makes
   counted as cache);
 - fisher: D²-MoE's model-level Fisher (`fisher_bases`, in `prepare`);
-- cache: weight hashing, cache look-ups, reads and writes (`stats_cache.PipelineCache`, `LayerCache`,
+- cache: weight hashing, cache look-ups, reads and writes (`run.cache_keys.PipelineCache`, `LayerCache`,
   `CachedLayers`, `weights_digest`), wherever they are called from.
 
 It compares one run as today (no cache, `propagate="compressed"`) with the whole 4-ratio sweep
@@ -34,7 +34,7 @@ import torch
 from _common import CallTimer, print_provenance, quick
 
 import moepress
-from moepress import pipeline, stats_cache
+from moepress.run import cache_keys, pipeline
 from moepress.calib import LayerStatistics
 from moepress.methods.d2moe.fisher import fisher_bases
 from moepress.zoo import reference_model_path
@@ -47,13 +47,13 @@ def calibration_clock() -> CallTimer:
     not counted twice; cache calls count as cache wherever they are made, e.g. a statistic read
     from the cache). CPU time, not wall time: the machine is shared (2 cores, several jobs), so
     the figure is what the calibration costs, not how busy the neighbours were."""
-    cache = stats_cache.PipelineCache, stats_cache.LayerCache
+    cache = cache_keys.PipelineCache, cache_keys.LayerCache
     return CallTimer({
         "forwards": [getattr(pipeline, name) for name in
                      ("capture_layer_inputs", "run_layer", "collect_block_inputs", "run_layer_collecting")],
         "statistics": LayerStatistics.__getitem__,  # every statistic a method reads, computed or read from the cache
         "cache": [cache[0].inputs_needed, cache[0].onloaded, cache[0].propagated, cache[1].load, cache[1].save,
-                  stats_cache.CachedLayers.__getitem__, stats_cache.weights_digest],
+                  cache_keys.CachedLayers.__getitem__, cache_keys.weights_digest],
         "fisher": fisher_bases,  # D²-MoE's model-level Fisher (prepare)
     }, clock=time.process_time, carve_out={"cache"})
 

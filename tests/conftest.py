@@ -70,7 +70,7 @@ from moepress.arch import SUPPORTED as FAMILIES  # noqa: E402,F401
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer):
     """`tiny_checkpoint(family)` -> directory of a saved tiny random model + tokenizer (cached)."""
-    from moepress.arch import tiny_model
+    from moepress.testing import tiny_model
 
     cache = {}
 

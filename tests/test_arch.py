@@ -7,8 +7,9 @@ import torch
 
 from moepress.arch import (
     UnsupportedArchitecture, family_of, moe_layer_views, parameter_counts, set_model_expert_count,
-    set_moe_block, tiny_model,
+    set_moe_block,
 )
+from moepress.testing import tiny_model
 
 from moepress.arch import SUPPORTED as FAMILIES
 

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from moepress.arch import decoder_layers, tiny_model
+from moepress.arch import decoder_layers
+from moepress.testing import tiny_model
 from moepress.calib import CalibrationError, build_calibration, load_texts, pack_token_ids
-from moepress.pipeline import capture_layer_inputs, run_layer
+from moepress.run.walk import capture_layer_inputs, run_layer
 
 
 def test_sources_text_jsonl_folder_and_saved_dataset(tmp_path):

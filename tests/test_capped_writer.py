@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from moepress.arch import tiny_config
+from moepress.testing import tiny_config
 from moepress.arch.checkpoint import CheckpointReader
 from moepress.arch.families import FAMILIES
-from moepress.arch.synthetic import qwen3_30b_a3b_config, synthetic_state_dict, write_synthetic_checkpoint
+from moepress.testing.synthetic import qwen3_30b_a3b_config, synthetic_state_dict, write_synthetic_checkpoint
 
 
 @pytest.mark.parametrize("layout", ["hub", "fused"])

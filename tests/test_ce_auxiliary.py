@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from moepress.arch import moe_layer_views, parameter_counts, set_moe_block, tiny_model
+from moepress.arch import moe_layer_views, parameter_counts, set_moe_block
+from moepress.testing import tiny_model
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import ConfigError, LayerContext, build_method
 from moepress.modeling.moepress_compressed import CompressedExpertsBlock

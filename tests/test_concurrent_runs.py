@@ -28,7 +28,7 @@ SRC_DIR = str(Path(__file__).parents[1] / "src")
 # The real CLI in a subprocess, held once layer 0 is stored in .OUT.work until the file `go` appears.
 HELD_RUN = """
 import sys, time, pathlib
-from moepress import layer_store
+from moepress.run import store as layer_store
 hold = pathlib.Path(sys.argv[1])
 stored = layer_store.StreamingLayers.offload
 def offload(self, index, record=None):

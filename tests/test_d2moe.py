@@ -10,7 +10,8 @@ import transformers
 
 import moepress
 from moepress.arch import SUPPORTED as FAMILIES
-from moepress.arch import moe_layer_views, parameter_counts, tiny_model
+from moepress.arch import moe_layer_views, parameter_counts
+from moepress.testing import tiny_model
 from moepress.calib import LayerStatistics
 from moepress.methods import ConfigError, LayerContext, build_method
 from moepress.modeling.moepress_delta import DeltaMoeBlock

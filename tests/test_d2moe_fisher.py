@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import moepress
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_model
 from moepress.methods.d2moe.fisher import PROJECTIONS, _split, fisher_bases
 from moepress.ops.fisher_merge import fisher_merge
 

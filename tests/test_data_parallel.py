@@ -156,7 +156,7 @@ def _reconstructed(state: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def shape_checkpoints(tmp_path_factory, tokenizer):
-    from moepress.arch import tiny_model
+    from moepress.testing import tiny_model
 
     paths = {}
     for label, (family, overrides, _) in SHAPES.items():

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import moepress
 from moepress.cli import app
 from moepress.devices import DeviceError, resolve_device
-from moepress.pipeline import hidden_placement
+from moepress.run.pipeline import hidden_placement
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import moepress
-from moepress.arch import tiny_model
+from moepress.testing import tiny_model
 from moepress.cli import app
 from moepress.methods import available_methods
 

@@ -150,7 +150,7 @@ def test_batched_scorer_equals_one_forward_per_request(tiny, shared, pad_side):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_batched_scorer_other_families(family):
     """The 4-D shared-context mask as each family's attention reads it (gpt-oss: eager with sinks)."""
-    from moepress.arch import tiny_model
+    from moepress.testing import tiny_model
 
     model = tiny_model(family)
     assert shares_context(model, 64)
@@ -161,7 +161,7 @@ def test_batched_scorer_other_families(family):
 
 
 def test_shares_context_only_where_a_4d_mask_is_exact(tiny):
-    from moepress.arch import tiny_config, tiny_model
+    from moepress.testing import tiny_config, tiny_model
 
     model, _, _ = tiny
     assert model.config._attn_implementation in ("sdpa", "eager") and shares_context(model, 256)

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from moepress.arch import moe_layer_views, set_moe_block, tiny_model
+from moepress.arch import moe_layer_views, set_moe_block
+from moepress.testing import tiny_model
 from moepress.methods.compressed_experts.finetune import (
     FinetuneConfig, FinetuneError, FinetuneWarning, finetune, finetune_record, load_state, plot_losses, validation_loss,
 )

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import moepress
-from moepress.arch import decoder_layers, moe_layer_views, tiny_model
+from moepress.arch import decoder_layers, moe_layer_views
+from moepress.testing import tiny_model
 from moepress.methods import ConfigError, build_method
 from moepress.ops.clustering import groups_of, hierarchical_grouping
 from moepress.calib.packing import build_calibration
 from moepress.methods.hcsmoe.config import HCSMoEConfig
 from moepress.methods.hcsmoe.method import HCSMoE
 from moepress.ops.kmeans import standardised_assignment, standardised_kmeans_grouping
-from moepress.pipeline import compress_layers
+from moepress.run.pipeline import compress_layers
 from moepress.ops.merging import frequency_weights
 
 

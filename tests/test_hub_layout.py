@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import moepress
 from moepress.arch import SUPPORTED as FAMILIES
-from moepress.arch import tiny_model
+from moepress.testing import tiny_model
 
 CALIBRATION = {"samples": 4, "seq_len": 32}
 

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import moepress
-from moepress import cli, layer_store
+from moepress import cli
+from moepress.run import store as layer_store
 
 from test_concurrent_runs import start_held, tree_hash
 

@@ -1,4 +1,4 @@
-"""Layer selection (--layers) and per-layer expert budgets (--budget auto): layer_plan.py."""
+"""Layer selection (--layers) and per-layer expert budgets (--budget auto): moepress/run/plan.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import moepress
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_model
 from moepress.checks import InputError
-from moepress.layer_plan import (allocate, allowed_counts, compact_ranges, default_floor, parse_layer_spec,
+from moepress.run.plan import (allocate, allowed_counts, compact_ranges, default_floor, parse_layer_spec,
                                  pruned_block_output, resolve_layers)
 from moepress.methods import ConfigError
 

@@ -11,7 +11,8 @@ import transformers
 
 import moepress
 from moepress.arch import SUPPORTED as FAMILIES
-from moepress.arch import moe_layer_views, set_moe_block, tiny_model
+from moepress.arch import moe_layer_views, set_moe_block
+from moepress.testing import tiny_model
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import LayerContext, available_methods, build_method
 from moepress.methods.merging_common import MergingMethod, average_experts, build_remap_block, expert_tensors

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import moepress
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_model
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import ConfigError, LayerContext, build_method
 from moepress.methods.merging_common import average_experts, expert_tensors

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 import moepress
-from moepress.arch import FAMILIES, SUPPORTED, decoder_layers, moe_layer_views, tiny_model, validate_expert_count
+from moepress.arch import FAMILIES, SUPPORTED, decoder_layers, moe_layer_views, validate_expert_count
+from moepress.testing import tiny_model
 from moepress.modeling import MODELING_DIR, MODELING_FILES
 
 

@@ -11,7 +11,8 @@ import transformers
 
 import moepress
 from moepress.arch import SUPPORTED as FAMILIES
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_model
 from moepress.calib import LayerStatistics
 from moepress.methods import available_methods
 from moepress.methods.pruning import PruningMethod
@@ -251,7 +252,7 @@ def test_interrupted_offloaded_run_resumes_where_it_stopped(method, tiny_checkpo
 
 def test_a_save_that_dies_before_the_rename_keeps_every_finished_layer(tiny_checkpoint, calib_file, tmp_path,
                                                                         monkeypatch):
-    """The work shards stay until the checkpoint is in place (layer_store.finish): a save killed
+    """The work shards stay until the checkpoint is in place (run/store.py, finish): a save killed
     after the layers were written into it resumes from all of them (issue 20)."""
     import moepress.export as export
 

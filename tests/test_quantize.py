@@ -15,7 +15,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import moepress
-from moepress.arch import decoder_layers, parameter_counts, tiny_model
+from moepress.arch import decoder_layers, parameter_counts
+from moepress.testing import tiny_model
 from moepress.checks import InputError
 from moepress.cli import app
 from moepress.modeling.moepress_quant import SCHEMES, QuantizedWeight, dequantize

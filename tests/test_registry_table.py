@@ -21,7 +21,7 @@ from moepress.methods import available_methods, build_method
 
 METHODS = tuple(available_methods())
 
-# Every tiny family has 8 routed experts and top-2 routing (moepress.arch.tiny): ratio 0.5 keeps
+# Every tiny family has 8 routed experts and top-2 routing (moepress.testing.tiny): ratio 0.5 keeps
 # 4 >= top-k experts for pruning/merging and replaces 1 of 2 activated experts for compressed_experts.
 # A method whose tiny run needs more (or other) options gets a row here, merged over the default.
 DEFAULT_OPTIONS = {"ratio": 0.5}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moepress.arch import moe_layer_views, tiny_model
+from moepress.arch import moe_layer_views
+from moepress.testing import tiny_model
 from moepress.calib.stats import LayerStatistics
 from moepress.methods import LayerContext, build_method
 from moepress.methods.d2moe.stats import expert_gram, tokens_by_expert

@@ -1,4 +1,4 @@
-"""The statistics cache (moepress/stats_cache.py) and `propagate="original"` (issue 11 item 1)."""
+"""The statistics cache (moepress/run/cache.py, cache_keys.py) and `propagate="original"` (issue 11 item 1)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import moepress
-from moepress import pipeline
+from moepress.run import pipeline
 from moepress.api import load_pretrained
 from moepress.arch import decoder_layers, layer_view, moe_layer_indices
 from moepress.calib import LayerStatistics, build_calibration
 from moepress.methods import ConfigError
-from moepress.stats_cache import MISSING, StatsCache
+from moepress.run.cache import MISSING, StatsCache
 
 KW = dict(samples=4, seq_len=32, offload=False)
 
@@ -233,7 +233,7 @@ def test_two_ranks_share_the_cache_and_skip_propagation(tiny_checkpoint, calib_f
     script.write_text(textwrap.dedent(f"""
         import sys
         import moepress
-        from moepress import pipeline
+        from moepress.run import pipeline
         kwargs = dict(stats_cache=sys.argv[2], **{kwargs!r})
         moepress.compress({str(src)!r}, "d2moe", 0.5, **kwargs)
         def forbidden(*args, **kw):
@@ -253,7 +253,7 @@ def test_two_ranks_share_the_cache_and_skip_propagation(tiny_checkpoint, calib_f
 def test_bench_passes_the_cache_and_propagation_to_every_run(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from moepress import stats_cache
+    from moepress.run import cache as stats_cache
     from moepress.cli import app
 
     src = tiny_checkpoint("mixtral")
@@ -278,7 +278,7 @@ def test_bench_passes_the_cache_and_propagation_to_every_run(tiny_checkpoint, ca
 
 
 def test_the_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path):
-    from moepress.stats_cache import _file_digest
+    from moepress.run.cache_keys import _file_digest
 
     def digest(name, text):
         path = tmp_path / name

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import moepress
-from moepress.arch import tiny_config
-from moepress.arch.synthetic import write_synthetic_checkpoint
+from moepress.testing import tiny_config
+from moepress.testing.synthetic import write_synthetic_checkpoint
 
 
 def _tensors(directory):

@@ -30,15 +30,15 @@ from .arch import family_of, parameter_counts
 from .calib import build_calibration
 from .devices import resolve_device
 from .export import OutputDir, check_output_dir, custom_layers, save_checkpoint
-from .layer_plan import build_plan, selection_record
-from .layer_store import open_streaming
+from .run.plan import build_plan, selection_record
+from .run.store import open_streaming
 from .loading import DTYPES, dtype_disagreement, dtype_name, load, load_pretrained, load_tokenizer, resolve_dtype
 from .methods import ConfigError, Method, Requirements
-from .pipeline import compress_layers
+from .run.pipeline import compress_layers
 from .quantization import quantize_experts
 from .record import library_versions, read_record, stage_figures
 from .run import CompressJob
-from .stats_cache import StatsCache
+from .run.cache import StatsCache
 
 
 @dataclass
@@ -149,10 +149,10 @@ def compress(model, method: str, ratio: float | None = None, *, experts: int | N
         layers: SPEC of the decoder layers to compress (`"12-47"`, `"0,2,4"`; MoE layers only); the
             others stay bit-identical. `ratio`/`experts` then apply within those layers.
         budget: "uniform" (every layer keeps the same count) or "auto" (pruning/merging: the same total,
-            spread by each layer's measured sensitivity; `layer_plan.py`); budget_floor: the fewest
+            spread by each layer's measured sensitivity; `run/plan.py`); budget_floor: the fewest
             experts "auto" leaves a layer (default max(top-k, ceil(N/4))).
         stats_cache: where per-layer calibration statistics are kept and reused across runs
-            (`moepress.stats_cache`): True (default) = `$MOEPRESS_STATS_CACHE` or the user cache's
+            (`moepress.run.cache`): True (default) = `$MOEPRESS_STATS_CACHE` or the user cache's
             `stats/`, a directory, or False/None = no cache. Hits and misses go into moepress.json.
         propagate: None (default: the method's own, "compressed" for all but HC-SMoE), "compressed"
             (each layer's calibration inputs come from the compressed layers before it) or "original" (from the uncompressed model: statistics are then the
@@ -316,7 +316,7 @@ def _with_generated(job: CompressJob, model: nn.Module, tokenizer, calibration, 
     samples, every rank gets the same tokens). A streamed run's layers are on the meta device, so the
     model is loaded once in full for the sampling and freed."""
     from .calib.generated import sample_sequences
-    from .layer_store import release_freed_memory
+    from .run.store import release_freed_memory
 
     spec = job.calibration
     ids = None

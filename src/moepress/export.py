@@ -113,7 +113,7 @@ def write_streamed_checkpoint(model: nn.Module, store, tmp: Path) -> None:
     """The checkpoint of a bounded-memory run: the store's finished layer shards, moved into `tmp`
     under the family's hub names, plus one shard with everything else (embeddings, final norm, head),
     the index and the config."""
-    from .layer_store import LAYER_PREFIX
+    from .run.store import LAYER_PREFIX
 
     rest = {}
     seen = set()

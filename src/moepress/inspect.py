@@ -10,7 +10,7 @@ from .calib import build_calibration
 from .devices import resolve_device
 from .loading import evaluation_dtype, load_pretrained
 from .methods import LayerContext, LayerResult, Method, MethodConfig
-from .pipeline import compress_layers
+from .run.pipeline import compress_layers
 
 
 class _RecordUsage(Method):

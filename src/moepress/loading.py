@@ -2,7 +2,7 @@
 
 `compress`, `load`, `evaluate`, `inspect`, `bench`, the zoo's report and fine-tuning all use
 `load_pretrained`; a bounded-memory run opens the model layer by layer instead
-(`layer_store.open_streaming`) and takes its tokenizer from `load_tokenizer`.
+(`run.store.open_streaming`) and takes its tokenizer from `load_tokenizer`.
 """
 
 from __future__ import annotations

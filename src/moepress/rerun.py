@@ -112,7 +112,7 @@ def replay(path: str | Path, *, out: str | Path | None = None, overwrite: bool =
     """Redo the compression recorded at `path` (API of `moepress compress --replay`): returns the
     `CompressionResult`, checked against the record (`check_replayed`); save it as any result.
     The statistics cache and offload follow the record's run; stats cache hits are bit for bit the
-    values the run computes (stats_cache.py), so they cannot make a replay differ."""
+    values the run computes (run/cache_keys.py), so they cannot make a replay differ."""
     from .api import compress
 
     record = read(path)

@@ -16,12 +16,11 @@ from .model import (
     validate_expert_count,
 )
 from .spec import FamilySpec, GroupRouting
-from .tiny import tiny_config, tiny_model
 from .view import MoELayerView, Routing, set_expert_count
 
 __all__ = [
     "FAMILIES", "SUPPORTED", "FamilySpec", "GroupRouting", "MoELayerView", "Routing", "UnsupportedArchitecture",
     "decoder_layers", "family_of", "is_stock_moe_block", "layer_view", "moe_layer_indices",
     "model_nonzero", "moe_layer_views", "parameter_counts", "set_expert_count", "set_model_expert_count",
-    "set_moe_block", "validate_expert_count", "tiny_config", "tiny_model",
+    "set_moe_block", "validate_expert_count",
 ]

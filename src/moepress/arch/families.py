@@ -1,6 +1,6 @@
 """The table of supported families, built from the single table in `moepress/modeling/moepress_family.py`.
 
-Adding a family = one row there + one row in the tiny-config test table (`arch/tiny.py`).
+Adding a family = one row there + one row in the tiny-config test table (`moepress/testing/tiny.py`).
 """
 
 from __future__ import annotations

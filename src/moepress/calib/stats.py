@@ -29,7 +29,7 @@ import torch
 from .. import distributed
 from ..arch import MoELayerView, Routing
 
-MISSING = object()  # what a statistics cache (`moepress.stats_cache`) returns for a value it does not hold
+MISSING = object()  # what a statistics cache (`moepress.run.cache`) returns for a value it does not hold
 
 _STATISTICS: dict[str, Callable[["LayerStatistics"], object]] = {}
 _SUMMED: set[str] = set()
@@ -42,7 +42,7 @@ def statistic(name: str, summed: bool = True, cacheable: bool = True):
     summed: the value is a sum over calibration tokens (tensor or nested dict/list of tensors), so
         data-parallel ranks all-reduce it; False for per-rank data ("routing") or a statistic that
         calls `stats.reduce` on its own sums before a non-linear step.
-    cacheable: the value may be kept in the statistics cache (`moepress.stats_cache`): it depends
+    cacheable: the value may be kept in the statistics cache (`moepress.run.cache`): it depends
         only on the layer's weights and inputs (no method option) and is the same on every rank.
         False for per-rank data ("routing").
     """
@@ -68,7 +68,7 @@ class LayerStatistics:
     Args:
         view: the layer's view (routing uses the model's own router).
         batches: flat MoE-layer inputs, a list of `[t, H]` tensors.
-        disk: optional `stats_cache.LayerCache`: cacheable statistics are read from it when there
+        disk: optional `run.cache_keys.LayerCache`: cacheable statistics are read from it when there
             and written to it once computed (already reduced over ranks).
         num_tokens: the global token count when `batches` is empty because every statistic the
             method reads comes from `disk` (the inputs were not propagated at all).

@@ -75,7 +75,7 @@ class LayerContext:
     stats: lazily computed, cached statistics over `stats.batches` (flat MoE inputs `[t, H]`).
     position: index of this layer among the MoE layers; num_layers: how many MoE layers.
     model: the whole model (read-only; for methods with model-level state from `prepare`).
-    experts: this layer's own count of experts to keep from a per-layer budget (`layer_plan`,
+    experts: this layer's own count of experts to keep from a per-layer budget (`run/plan.py`,
         `--budget auto`), read through `MethodConfig.kept_experts`; None = the method's config.
     """
 
@@ -116,7 +116,7 @@ class Requirements:
         "custom" where this says "stock" (per-layer expert counts no stock config expresses).
     resident_model: `prepare` needs every layer at once (no `--offload`).
     expert_count: the method keeps M experts per layer (pruning, merging) and honours a per-layer
-        count (`LayerContext.experts`), so `--budget auto` applies (layer_plan.py).
+        count (`LayerContext.experts`), so `--budget auto` applies (run/plan.py).
     layer_subset: False for a method that spreads its budget over all MoE layers itself (no `--layers`).
     next_step: what the user should do with the output before using it ({path} = the output).
     """
@@ -190,7 +190,7 @@ class Method:
         store: the pipeline's layer store; `store.load_original(i)` / `store.release(i)` onload and
         drop decoder layer i of the original model (whose layers may be on meta), so a pass over
         the whole model can run one layer at a time.
-        stats_cache: the run's `stats_cache.StatsCache` (None = none), for model-level statistics a
+        stats_cache: the run's `run.cache.StatsCache` (None = none), for model-level statistics a
         method reuses across runs (D²-MoE's Fisher)."""
 
     def compress_layer(self, ctx: LayerContext) -> LayerResult:

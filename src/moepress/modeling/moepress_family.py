@@ -5,7 +5,7 @@ This is the single place where per-family knowledge is written. `moepress.arch` 
 ships inside checkpoints (auto_map code copied beside the weights), so it imports only torch and
 transformers. Adding a family = one `Family` row here, checked against that family's
 transformers 5 modeling file (ENVIRONMENT.md §2), + one row in the tiny-config table
-(`moepress/arch/tiny.py`).
+(`moepress/testing/tiny.py`).
 
 A routed expert computes `E(x) = W_down g(W_gate x + b_gate, W_up x + b_up) + b_down`, `g` the
 family's gated activation. Two conventions hold its weights:

@@ -21,7 +21,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from .. import checks
-from ..layer_plan import check_budget, parse_layer_spec
+from .plan import check_budget, parse_layer_spec
 
 if TYPE_CHECKING:
     from ..methods import Method, MethodConfig, Requirements
@@ -49,7 +49,7 @@ class CalibrationSpec:
 @dataclass(frozen=True)
 class LayerSelection:
     """Which MoE layers are compressed (`layers`: SPEC or None = all) and how the kept experts are
-    spread over them (`budget`: uniform | auto, with `floor`): layer_plan.py."""
+    spread over them (`budget`: uniform | auto, with `floor`): plan.py."""
 
     layers: str | None = None
     budget: str = "uniform"
@@ -107,7 +107,7 @@ class CompressJob:
         # Only now the modules that import torch (the method registry, devices, loading, the cache):
         # a mistyped argument is answered in a fraction of a second, before torch has loaded.
         from ..devices import resolve_device
-        from ..layer_plan import check_method_plan
+        from .plan import check_method_plan
         from ..loading import check_model_files, dtype_name, resolve_dtype
         from ..methods import build_method
 
@@ -234,7 +234,7 @@ def _offload(offload, model, method: str, needs: Requirements, scheme: str | Non
 def _stats_cache_dir(stats_cache) -> Path | None:
     """The cache directory of the `stats_cache` argument: True / "auto" = the default one, a path,
     a `StatsCache`'s own, or None / False = no cache."""
-    from ..stats_cache import StatsCache, default_directory
+    from .cache import StatsCache, default_directory
 
     if isinstance(stats_cache, StatsCache):
         return stats_cache.directory

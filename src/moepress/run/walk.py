@@ -5,8 +5,8 @@ layer plus the calibration hidden states, whatever the depth:
 - the compression loop (`pipeline.compress_layers`) onloads each layer from its store, lets the
   method compress it and propagates the hidden states through it (or through the source layer);
 - every pass over the ORIGINAL layers is `source_layers(store, indices)`: the sensitivity pass of
-  `--budget auto` (`layer_plan.measure_sensitivity`), D²-MoE's Fisher forward and backward walks
-  (`methods/d2moe/fisher.py`) and the statistics cache's hashing (`stats_cache.py`) are loop bodies
+  `--budget auto` (`plan.measure_sensitivity`), D²-MoE's Fisher forward and backward walks
+  (`methods/d2moe/fisher.py`) and the statistics cache's hashing (`cache_keys.py`) are loop bodies
   over it (load_original -> device -> visit -> CPU -> release, the release guaranteed).
 
 The primitives: the inputs of layer 0 and every layer's keyword arguments (`capture_layer_inputs`),

@@ -60,7 +60,7 @@ from ... import distributed
 from ...arch import MoELayerView, decoder_layers, layer_view, moe_layer_indices
 from ...distributed import all_reduce_sum
 from ...ops.fisher_merge import fisher_merge
-from ...layer_store import InMemoryLayers
+from ...run.store import InMemoryLayers
 from ...run.walk import capture_layer_inputs, layer_output, run_layer, source_layers
 
 PROJECTIONS = ("gate", "up", "down")

@@ -62,8 +62,9 @@ class D2MoE(Method):
 
     def _cached_fisher(self, model, ids, store, cache):
         """`fisher_bases`, read from the statistics cache when this model, these token ids and these
-        Fisher options were seen before (keyed by every source weight: stats_cache.weights_digest)."""
-        from ... import distributed, stats_cache
+        Fisher options were seen before (keyed by every source weight: cache_keys.weights_digest)."""
+        from ... import distributed
+        from ...run import cache_keys
         from ...arch import moe_layer_indices
         from . import fisher as fisher_module
 
@@ -76,10 +77,10 @@ class D2MoE(Method):
         if cache is None:
             return compute()
         device = next(model.get_input_embeddings().parameters()).device
-        parts = (stats_cache.weights_digest(model, store), stats_cache.tensor_digest(ids),
+        parts = (cache_keys.weights_digest(model, store), cache_keys.tensor_digest(ids),
                  cfg.fisher_batch_size, cfg.fisher_chunk_layers, cfg.fisher_precision, distributed.world_size(),
                  device.type)
-        return stats_cache.cached_per_layer(cache, "d2moe_fisher", parts, moe_layer_indices(model), compute,
+        return cache_keys.cached_per_layer(cache, "d2moe_fisher", parts, moe_layer_indices(model), compute,
                                             fisher_module.__file__)
 
     def _whole_model_delta_ratio(self, model) -> float:

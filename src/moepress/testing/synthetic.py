@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .families import FAMILIES
+from ..arch.families import FAMILIES
 
 _FUSED = re.compile(r"^(?P<layer>.*)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^(?P<layer>.*)\.mlp\.gate\.weight$")

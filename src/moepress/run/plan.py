@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .checks import InputError
+from ..checks import InputError
 
 BUDGETS = ("uniform", "auto")
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -103,7 +103,7 @@ def check_budget(budget: str, floor: int | None = None) -> None:
 def check_method_plan(name: str, needs, layers: str | None, budget: str) -> None:
     """Refuse plan options method `name` cannot honour, from its `Requirements` `needs` (a
     `ConfigError` saying what to do)."""
-    from .methods import ConfigError
+    from ..methods import ConfigError
 
     if layers is not None:
         parse_layer_spec(layers)
@@ -164,7 +164,7 @@ class LayerPlan:
 
 def allowed_counts(view, floor: int) -> list[int]:
     """Expert counts from `floor` to N that this layer's routing accepts (`validate_expert_count`)."""
-    from .arch import validate_expert_count
+    from ..arch import validate_expert_count
 
     out = []
     for m in range(max(1, floor), view.num_experts + 1):
@@ -180,7 +180,7 @@ def allocate(curves: list[dict[int, float]], total: int) -> list[int]:
     """Counts `m_i` (keys of `curves[i]`) minimising `Σ_i curves[i][m_i]` with `Σ_i m_i == total`
     (the reachable total closest to it): `ops.expert_allocation.allocate_min_sum`, the exact
     dynamic programme MoE-I²'s layer allocation uses too."""
-    from .ops.expert_allocation import allocate_min_sum
+    from ..ops.expert_allocation import allocate_min_sum
 
     try:
         return allocate_min_sum(curves, total)
@@ -212,7 +212,7 @@ def sensitivity_curve(view, batches, counts: list[int], reduce=None) -> dict[int
     data-parallel ranks (`LayerStatistics.reduce`)."""
     import torch
 
-    from .calib import LayerStatistics
+    from ..calib import LayerStatistics
 
     stats = LayerStatistics(view, batches)
     freq = stats["frequency"]
@@ -242,9 +242,9 @@ def measure_sensitivity(model, calibration, selected: list[int], floors: dict[in
     time (`store.load_original` / `store.release`), so memory stays one layer + the hidden states."""
     import torch
 
-    from .arch import layer_view
-    from .calib import LayerStatistics
-    from .run.walk import capture_layer_inputs, collect_block_inputs, run_layer, source_layers, to_device
+    from ..arch import layer_view
+    from ..calib import LayerStatistics
+    from .walk import capture_layer_inputs, collect_block_inputs, run_layer, source_layers, to_device
 
     device = torch.device(device) if device is not None else None
     hidden, kwargs = capture_layer_inputs(model, calibration, batch_size)
@@ -266,9 +266,9 @@ def build_plan(model, method, calibration, *, layers: str | None = None, budget:
                floor: int | None = None, store=None, batch_size: int = 8, device=None) -> LayerPlan:
     """The plan for `method` on `model` (module doc). For `budget="auto"` this runs the sensitivity
     pass over `calibration` first."""
-    from .arch import layer_view, moe_layer_indices
-    from .layer_store import InMemoryLayers
-    from .methods import ConfigError
+    from ..arch import layer_view, moe_layer_indices
+    from .store import InMemoryLayers
+    from ..methods import ConfigError
 
     check_budget(budget, floor)
     needs = method.requirements()

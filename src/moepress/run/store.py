@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import distributed
-from .arch import decoder_layers, family_of
-from .arch.checkpoint import CheckpointReader
-from .modeling.modeling_moepress import describe_block, rebuild_block
+from .. import distributed
+from ..arch import decoder_layers, family_of
+from ..arch.checkpoint import CheckpointReader
+from ..modeling.modeling_moepress import describe_block, rebuild_block
 
 LAYER_PREFIX = "model.layers."
 PROGRESS = "progress.json"
@@ -270,7 +270,7 @@ def open_streaming(path: str | Path, work_dir: Path, dtype: torch.dtype = torch.
     `dtype`: the dtype layers are computed in; `output_dtype` (default `dtype`): the dtype finished
     layer shards are written in. `owns_work_dir`: the caller created `work_dir` for this run only;
     it is removed at `hand_over`."""
-    from .loading import check_model_files
+    from ..loading import check_model_files
 
     check_model_files(path)
     config = transformers.AutoConfig.from_pretrained(str(path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from .model import moe_layer_views
+from ..arch.model import moe_layer_views
 
 _COMMON = dict(
     vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -7,11 +7,11 @@ inputs ("sequential" propagation, as NAEE's layer-wise pruning; D²-MoE's `get_s
 through the original model instead — docs/algorithms.md#propagation asks us to record which: moepress.json
 records `propagation`). `propagation="original"` runs the source layer instead (one forward
 giving the block's inputs and the next layer's), so every statistic is that of the uncompressed
-model and reusable from the statistics cache (`stats_cache.py`) by any ratio or method; it is
+model and reusable from the statistics cache (`cache.py`, `cache_keys.py`) by any ratio or method; it is
 the default of a method whose authors gather statistics that way (`Method.propagation`: HC-SMoE).
 
 Peak memory = one decoder layer + the hidden states of the calibration tokens + one layer's MoE
-inputs + the method's accumulators, independent of depth with `layer_store.StreamingLayers`.
+inputs + the method's accumulators, independent of depth with `store.StreamingLayers`.
 
 Devices: with `device` (e.g. a GPU) each decoder layer is moved there for its turn and back to
 the CPU before the store offloads it; its MoE inputs, statistics and the method's solve live
@@ -34,15 +34,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import checks, distributed
-from .arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
-from .calib import CalibrationSet, LayerStatistics
-from .checks import DamagedSourceError, InputError
-from .layer_store import InMemoryLayers
-from .methods import LayerContext, Method
-from .run.walk import (capture_layer_inputs, collect_block_inputs, local_batches, run_layer,  # noqa: F401
-                       run_layer_collecting, to_device)
-from .stats_cache import PipelineCache
+from .. import checks, distributed
+from ..arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
+from ..calib import CalibrationSet, LayerStatistics
+from ..checks import DamagedSourceError, InputError
+from .store import InMemoryLayers
+from ..methods import LayerContext, Method
+from .walk import capture_layer_inputs, collect_block_inputs, run_layer, run_layer_collecting, to_device
+from .cache_keys import PipelineCache
 
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
@@ -57,15 +56,15 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     offloaded.
 
     Args:
-        store: a layer store (`layer_store.InMemoryLayers`, the default, or `StreamingLayers`)
+        store: a layer store (`store.InMemoryLayers`, the default, or `StreamingLayers`)
             with `onload(i) -> layer`, `finished(i) -> record | None` and `offload(i, record)`.
         progress: optional callback `progress(done, total, description)`.
         device: where each layer is computed (None = where it is); it goes back to the CPU after.
         hidden_on: where hidden states wait between layers: "cpu", "device" or "auto"
             (`hidden_placement`).
-        stats_cache: a `stats_cache.StatsCache` (None = none): statistics are read from it where
+        stats_cache: a `run.cache.StatsCache` (None = none): statistics are read from it where
             they match and written to it otherwise.
-        plan: a `layer_plan.LayerPlan`: only its `selected` MoE layers are compressed (the others
+        plan: a `plan.LayerPlan`: only its `selected` MoE layers are compressed (the others
             are left as they are and only propagate), each keeping `plan.experts[i]` experts when given.
         propagation: None = the method's own (`Method.propagation`: "compressed" but for HC-SMoE), or
             "compressed" (the next layer's inputs come from the compressed layer) or
@@ -164,8 +163,8 @@ def _stored_name(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
     family's hub layout (per-expert names, as `save_pretrained` writes) or the fused name the file
     holds, with the expert(s) and the file, e.g. `model.layers.0.block_sparse_moe.experts.3.w1.weight
     (expert 3) in model.safetensors`."""
-    from .checks import safetensors_keys
-    from .modeling.moepress_layout import to_hub_layout
+    from ..checks import safetensors_keys
+    from ..modeling.moepress_layout import to_hub_layout
 
     bad = ~torch.isfinite(tensor.detach())
     experts = []
