@@ -184,9 +184,9 @@ def test_only_rank_0_prints(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     """Under torchrun (RANK set) a rank other than 0 prints neither the table nor the checkpoint line;
     an error it meets it prints only after leaving rank 0 time to report it first (torchrun then
     ends this rank), naming the rank."""
-    import moepress.cli
+    import moepress.cli.errors
 
-    monkeypatch.setattr(moepress.cli, "RANK_ERROR_GRACE_S", 0.0)
+    monkeypatch.setattr(moepress.cli.errors, "RANK_ERROR_GRACE_S", 0.0)
     args = ["compress", str(tiny_checkpoint("mixtral")), "-m", "frequency", "--ratio", "0.5", "--calib",
             str(calib_file), "--samples", "2", "--seq-len", "16", "--quiet", "-o", str(tmp_path / "out")]
     res = runner.invoke(app, args, env={"RANK": "1"})

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import moepress
 from moepress import cli
+from moepress.cli import errors as cli_errors
 from moepress.run import store as layer_store
 
 from test_concurrent_runs import start_held, tree_hash
@@ -83,7 +84,7 @@ def test_sigterm_says_what_was_kept_and_exits_143(tiny_checkpoint, calib_file, t
 
 def test_a_signal_during_the_save_waits_for_the_save(capsys):
     """A save stopped midway would lose the finished layers it is moving into the checkpoint."""
-    with cli._signals_deferred("the save of OUT"):
+    with cli_errors.signals_deferred("the save of OUT"):
         assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
