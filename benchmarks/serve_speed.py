@@ -18,6 +18,12 @@ rounds, measures every engine in turn (interleaved, so drift of the shared machi
 Prints the command line and versions it ran with (`_common.print_provenance`), then the median of
 each over the rounds and ratios against the original.
 
+Variants: a method name, `METHOD+aux` (aux_width=16), `METHOD+int8` (`--quantize int8`),
+`METHOD+budget-auto` (`--budget auto`: per-layer expert counts), and any of these with `@opaque`:
+the same checkpoint served with `MOEPRESS_VLLM_OPAQUE=1`, i.e. every listed layer through moepress's
+block as one opaque op, the plugin's path before remapped and per-layer-count layers were put on
+vLLM's FusedMoE (`moepress.serving.vllm_models`), as a baseline in the same interleaved run.
+
 `--quick` (CI smoke, `tests_serving/test_serve_speed_quick.py`): mixtral-ref, reap and mergemoe,
 8 x 32 calibration tokens, one round of 2 prompts of 16 tokens and 4 decoded tokens at batch 1 and 4,
 checkpoints in a temp dir removed at the end (an option given is kept).
@@ -82,11 +88,12 @@ def _source(args, work: Path) -> Path:
 
 
 def _compress(args, source: Path, work: Path, variant: str) -> Path:
-    method, _, extra = variant.partition("+")
-    out = work / f"{source.name}-{variant.replace('+', '-')}-{args.ratio}"
+    method, _, extra = variant.partition("@")[0].partition("+")
+    out = work / f"{source.name}-{variant.partition('@')[0].replace('+', '-')}-{args.ratio}"
     if (out / "moepress.json").exists():
         return out
-    options = {"aux": ["--opt", "aux_width=16"], "int8": ["--quantize", "int8"]}.get(extra, [])
+    options = {"aux": ["--opt", "aux_width=16"], "int8": ["--quantize", "int8"],
+               "budget-auto": ["--budget", "auto"]}.get(extra, [])
     if method == "mergemoe":
         options += ["--opt", "tokens=all"]
     cmd = [args.compress_python, "-m", "moepress", "compress", str(source), "--method", method,
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="mixtral-ref", help="a zoo reference (default mixtral-ref)")
     parser.add_argument("--synthetic", choices=["qwen3-30b-a3b"], help="a real-width synthetic source instead")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the synthetic source")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list; METHOD+aux, METHOD+int8 allowed")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma list; METHOD+aux, METHOD+int8, METHOD+budget-auto, and VARIANT@opaque allowed")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=64)
@@ -169,8 +177,19 @@ def measure(args) -> int:
 
     vocab = json.loads((source / "config.json").read_text())["vocab_size"]
     max_len = args.prompt_len + args.decode_tokens + 8
-    engines = {name: engine(str(path), dtype=args.dtype, max_model_len=max_len, eager=not args.compile,
-                            gpu_memory_utilization=0.1) for name, path in checkpoints.items()}
+    engines = {}
+    for name, path in checkpoints.items():
+        # "@opaque": the engine's processes see MOEPRESS_VLLM_OPAQUE=1 (read when the model is built)
+        saved = os.environ.get("MOEPRESS_VLLM_OPAQUE")
+        os.environ["MOEPRESS_VLLM_OPAQUE"] = "1" if name.endswith("@opaque") else "0"
+        try:
+            engines[name] = engine(str(path), dtype=args.dtype, max_model_len=max_len, eager=not args.compile,
+                                   gpu_memory_utilization=0.1)
+        finally:
+            if saved is None:
+                del os.environ["MOEPRESS_VLLM_OPAQUE"]
+            else:
+                os.environ["MOEPRESS_VLLM_OPAQUE"] = saved
     rows = {name: [] for name in engines}
     for round_index in range(args.rounds):
         for name, llm in engines.items():

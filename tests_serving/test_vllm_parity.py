@@ -40,6 +40,7 @@ VARIANTS = {
     "reap+budget-auto": ("reap", {"budget": "auto"}),
     "mergemoe+layers": ("mergemoe", {"layers": "1", "tokens": "all"}),
     "compressed_experts+aux": ("compressed_experts", {"aux_width": 16}),
+    "compressed_experts+paper": ("compressed_experts", {"aux_width": None}),  # the paper's block (vectors only)
 }
 
 

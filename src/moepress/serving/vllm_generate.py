@@ -4,7 +4,9 @@
 
 `prompts.json` is a list of token-id lists. Prints one JSON line per checkpoint:
 `{"model": DIR, "tokens": [[...] per prompt], "logprobs": [[...] per prompt], "seconds": s}`
-with the log-probability vLLM gives each chosen token, or `{"model": DIR, "error": ...}` for a
+with the log-probability vLLM gives each chosen token (with `--describe` also `"layers"`: how each
+decoder layer's MoE module is served, `vllm_models.served_layer_paths`, for moepress
+architectures), or `{"model": DIR, "error": ...}` for a
 checkpoint vLLM could not serve (the others still run; the exit status is then 1). Used by the serving parity tests and
 `benchmarks/serve_speed.py`; the models are served one after another in this one process.
 """
@@ -44,6 +46,17 @@ def greedy(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[in
     return tokens, logprobs
 
 
+def describe(llm) -> dict[str, str] | None:
+    """`vllm_models.served_layer_paths` of the engine's model (the first worker's), or None for an
+    architecture the plugin does not provide."""
+    from . import vllm_models
+
+    def paths(model):
+        return vllm_models.served_layer_paths(model) if hasattr(model, "_moepress_config") else None
+
+    return llm.apply_model(paths)[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
@@ -52,7 +65,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--one-by-one", action="store_true",
                         help="also generate every prompt alone (its output must not depend on the batch)")
+    parser.add_argument("--describe", action="store_true",
+                        help="also record how each layer's MoE module is served (fused / opaque / stock)")
     args = parser.parse_args(argv)
+    if args.describe:  # apply_model's function reaches an in-process engine without pickling
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     prompts = json.loads(open(args.prompts).read())
     failed = 0
     for model in args.models:
@@ -62,6 +79,8 @@ def main(argv=None) -> int:
             llm = engine(model, dtype=args.dtype)
             tokens, logprobs = greedy(llm, prompts, args.max_tokens)
             record = {"model": model, "tokens": tokens, "logprobs": logprobs}
+            if args.describe:
+                record["layers"] = describe(llm)
             if args.one_by_one:
                 alone = [greedy(llm, [p], args.max_tokens) for p in prompts]
                 record["alone_tokens"] = [t[0] for t, _ in alone]
