@@ -121,9 +121,9 @@ def test_moe_pruner_config_errors_are_for_people():
 
 
 def test_moe_pruner_pattern_survives_the_cli_option_parser():
-    from moepress.cli import _parse_opts
+    from moepress.cli.app import parse_opts
 
-    options = _parse_opts(["pattern=2:4"], None)  # YAML 1.1 reads 2:4 as the base-60 number 124
+    options = parse_opts(["pattern=2:4"], None)  # YAML 1.1 reads 2:4 as the base-60 number 124
     assert build_method("moe_pruner", **options).config.pattern == "2:4"
 
 

@@ -25,6 +25,19 @@ def _ids():
     return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+def _sigterm_after_layer_0(monkeypatch):
+    """SIGTERM to this very process once layer 0 is stored; returns the original `offload`."""
+    stored = layer_store.StreamingLayers.offload
+
+    def offload(self, index, record=None):
+        stored(self, index, record)
+        if index == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(layer_store.StreamingLayers, "offload", offload)
+    return stored
+
+
 def _args(src, calib_file, out) -> list[str]:
     return ["compress", str(src), "-m", "reap", "--ratio", "0.5", "--calib", str(calib_file), "--samples", "4",
             "--seq-len", "32", "-o", str(out), "--quiet"]
@@ -64,14 +77,7 @@ def test_ctrl_c_says_what_was_kept_and_the_printed_command_resumes(tiny_checkpoi
 def test_sigterm_says_what_was_kept_and_exits_143(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     """SIGTERM (a scheduler's kill, torchrun ending the other ranks) is sent to this very process once
     layer 0 is stored; the CLI's handler turns it into the same one-line ending."""
-    stored = layer_store.StreamingLayers.offload
-
-    def offload(self, index, record=None):
-        stored(self, index, record)
-        if index == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(layer_store.StreamingLayers, "offload", offload)
+    _sigterm_after_layer_0(monkeypatch)
     previous = signal.getsignal(signal.SIGTERM)
     res = CliRunner().invoke(cli.app, _args(tiny_checkpoint("mixtral"), calib_file, tmp_path / "out"))
     assert res.exit_code == 143, res.output
@@ -97,14 +103,7 @@ def test_a_work_directory_from_moepress_0_1_resumes(tiny_checkpoint, calib_file,
     """moepress 0.1 wrote a finished stock layer's block as `{"experts": m}` in progress.json; the run
     key has no code version, so today's run adopts that directory and must rebuild the layer from it."""
     src = tiny_checkpoint("mixtral")
-    stored = layer_store.StreamingLayers.offload
-
-    def offload(self, index, record=None):
-        stored(self, index, record)
-        if index == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(layer_store.StreamingLayers, "offload", offload)
+    stored = _sigterm_after_layer_0(monkeypatch)
     assert CliRunner().invoke(cli.app, _args(src, calib_file, tmp_path / "out")).exit_code == 143
     monkeypatch.setattr(layer_store.StreamingLayers, "offload", stored)
     progress = tmp_path / ".out.work" / "progress.json"

@@ -29,6 +29,7 @@ rank 0 alone) needs no serialisation of method-specific blocks and keeps no rank
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,10 +39,10 @@ from .. import checks, distributed
 from ..arch import decoder_layers, layer_view, moe_layer_indices, set_moe_block
 from ..calib import CalibrationSet, LayerStatistics
 from ..checks import DamagedSourceError, InputError
-from .store import InMemoryLayers
 from ..methods import LayerContext, Method
-from .walk import capture_layer_inputs, collect_block_inputs, run_layer, run_layer_collecting, to_device
 from .cache_keys import PipelineCache
+from .store import InMemoryLayers
+from .walk import capture_layer_inputs, collect_block_inputs, run_layer, run_layer_collecting, to_device
 
 
 def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSet | None, *,
@@ -79,13 +80,12 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     needs = method.requirements()
     propagate = needs.calibration
     propagation = propagation or needs.propagation
-    selected = set(moe) if plan is None else set(plan.selected)
-    layer_experts = {} if plan is None else plan.experts
     if propagate and calibration is None:
         raise ValueError(f"method {method.name!r} computes statistics on calibration text; give calib")
     check_finite_weights(model, "outside the decoder layers", skip=layers)
     if propagation not in checks.PROPAGATIONS:
         raise InputError(f"propagation must be one of {', '.join(checks.PROPAGATIONS)}, got {propagation!r}")
+    selected = set(moe) if plan is None else set(plan.selected)
     cache_plan = PipelineCache(stats_cache, model, calibration, batch_size, device, propagation, layers) \
         if stats_cache is not None and propagate else None
     num_tokens = None
@@ -95,50 +95,90 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     kwargs = to_device(kwargs, device)  # rotary tables and masks: small, used by every layer
     hidden = to_device(hidden, hidden_placement(hidden, device, hidden_on))
     method.prepare(model, calibration, store=store, stats_cache=stats_cache if calibration is not None else None)
+    loop = _LayerLoop(model, method, store, device, propagate, propagation, selected,
+                      {} if plan is None else plan.experts, cache_plan, num_tokens, moe, hidden, kwargs)
     records: dict[int, dict] = {}
     for i in range(len(layers)):
-        t0 = time.perf_counter()
-        finished = store.finished(i)
-        propagated = False
-        if finished is not None and propagate and propagation == "original":  # through the source layer
-            source_layer = store.load_original(i)
-            if cache_plan is not None:  # the source weights propagate: they, not the finished ones, key what follows
-                cache_plan.onloaded(i, source_layer)
-            hidden = run_layer(_onto(source_layer, device), i, hidden, kwargs, device)
-            source_layer.to("cpu")
-            store.release(i)
-            propagated = True
-        layer = store.onload(i)
-        check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.", model=model)
-        if cache_plan is not None:
-            cache_plan.onloaded(i, layer)
-        layer = _onto(layer, device)
-        if finished is not None:  # resumed: this layer was compressed by an interrupted run
-            records[i] = {**finished, "resumed": True}
-        elif i in selected:
-            inputs = None
-            if propagate and propagation == "original":  # one forward: the block's inputs and the next layer's
-                inputs, hidden = run_layer_collecting(layer, layer_view(model, i).block, i, hidden, kwargs, device)
-                check_finite_hidden(hidden, i)
-                propagated = True
-            records[i] = _compress_moe_layer(model, method, layer, i, moe, hidden, kwargs, device, inputs=inputs,
-                                             disk=cache_plan.layer_cache(i) if cache_plan is not None else None,
-                                             num_tokens=num_tokens, experts=layer_experts.get(i))
-            layer = _onto(layer, device)  # a new block may have been built elsewhere
-        if propagate and not propagated:
-            hidden = run_layer(layer, i, hidden, kwargs, device)
-            check_finite_hidden(hidden, i)
-        if cache_plan is not None:
-            cache_plan.propagated(i, layer, changed=i in selected and finished is None)
-        if i in records and finished is None:
-            _synchronize(device)
-            records[i]["seconds"] = round(time.perf_counter() - t0, 3)
-        if device is not None and device.type != "cpu":
-            layer.to("cpu")
-        store.offload(i, records.get(i))
+        record = loop.turn(i)
+        if record is not None:
+            records[i] = record
         if progress is not None:
             progress(i + 1, len(layers), f"layer {i + 1}/{len(layers)}")
     return records
+
+
+@dataclass
+class _LayerLoop:
+    """What every layer's turn of `compress_layers` shares; `hidden` (the calibration states at the
+    input of the next layer) moves on with each turn."""
+
+    model: nn.Module
+    method: Method
+    store: object
+    device: torch.device | None
+    propagate: bool
+    propagation: str
+    selected: set[int]
+    layer_experts: dict[int, int]
+    cache_plan: PipelineCache | None
+    num_tokens: int | None
+    moe: list[int]
+    hidden: list[torch.Tensor]
+    kwargs: dict
+
+    def turn(self, i: int) -> dict | None:
+        """Layer `i`: onload -> compress (if selected and not finished by an earlier run) -> propagate
+        -> offload; returns its record (None for a layer left as it is)."""
+        t0 = time.perf_counter()
+        finished = self.store.finished(i)
+        propagated = False
+        if finished is not None and self.propagate and self.propagation == "original":
+            self._through_source_layer(i)  # a resumed layer: the next inputs come from the source layer
+            propagated = True
+        layer = self.store.onload(i)
+        check_finite_weights(layer, f"layer {i}", prefix=f"model.layers.{i}.", model=self.model)
+        if self.cache_plan is not None:
+            self.cache_plan.onloaded(i, layer)
+        layer = _onto(layer, self.device)
+        record = None
+        if finished is not None:  # resumed: this layer was compressed by an interrupted run
+            record = {**finished, "resumed": True}
+        elif i in self.selected:
+            record, layer, propagated = self._compress(i, layer)
+        if self.propagate and not propagated:
+            self.hidden = run_layer(layer, i, self.hidden, self.kwargs, self.device)
+            check_finite_hidden(self.hidden, i)
+        if self.cache_plan is not None:
+            self.cache_plan.propagated(i, layer, changed=i in self.selected and finished is None)
+        if record is not None and finished is None:
+            _synchronize(self.device)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+        if self.device is not None and self.device.type != "cpu":
+            layer.to("cpu")
+        self.store.offload(i, record)
+        return record
+
+    def _through_source_layer(self, i: int) -> None:
+        source_layer = self.store.load_original(i)
+        if self.cache_plan is not None:  # the source weights propagate: they, not the finished ones, key what follows
+            self.cache_plan.onloaded(i, source_layer)
+        self.hidden = run_layer(_onto(source_layer, self.device), i, self.hidden, self.kwargs, self.device)
+        source_layer.to("cpu")
+        self.store.release(i)
+
+    def _compress(self, i: int, layer: nn.Module) -> tuple[dict, nn.Module, bool]:
+        """`(record, the layer with its new block, whether the hidden states have moved on)`."""
+        inputs, propagated = None, False
+        if self.propagate and self.propagation == "original":  # one forward: the block's inputs and the next layer's
+            inputs, self.hidden = run_layer_collecting(layer, layer_view(self.model, i).block, i, self.hidden,
+                                                       self.kwargs, self.device)
+            check_finite_hidden(self.hidden, i)
+            propagated = True
+        record = _compress_moe_layer(self.model, self.method, layer, i, self.moe, self.hidden, self.kwargs,
+                                     self.device, inputs=inputs,
+                                     disk=self.cache_plan.layer_cache(i) if self.cache_plan is not None else None,
+                                     num_tokens=self.num_tokens, experts=self.layer_experts.get(i))
+        return record, _onto(layer, self.device), propagated  # a new block may have been built elsewhere
 
 
 def check_finite_weights(module: nn.Module, where: str, prefix: str = "", skip: nn.Module | None = None,
