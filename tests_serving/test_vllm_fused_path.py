@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,20 +82,7 @@ def described(tmp_path_factory):
     paths = {f"{s}-{v}": _compress(root, s, v) for s, v in FUSED + OPAQUE}
     twins = root / TWINS
     paths[TWINS] = twins if (twins / "config.json").exists() else _twins(paths["mixtral-ref-mergemoe"], twins)
-    prompts = root / "prompts.json"
-    prompts.write_text(json.dumps(parity.PROMPTS))
-    proc = subprocess.run([parity.VLLM_PYTHON, "-m", "moepress.serving.vllm_generate", "--describe",
-                           "--prompts", str(prompts), "--max-tokens", str(parity.MAX_TOKENS),
-                           *map(str, paths.values())],
-                          capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    records = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{"model"'):
-            record = json.loads(line)
-            records[record["model"]] = record
-    failed = [f"{p}: {records.get(str(p), {}).get('error', 'no record')}" for p in paths.values()
-              if "tokens" not in records.get(str(p), {})]
-    assert not failed, f"vLLM served no result for {failed}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    records = parity.serve(list(paths.values()), root, "--describe", need_tokens=True)
     return {name: (path, records[str(path)]) for name, path in paths.items()}
 
 

@@ -103,19 +103,28 @@ def served(tmp_path_factory):
                 result = moepress.compress(str(source), method, ratio=0.5, **CALIBRATION, **options)
                 result.save(out)
             outputs[(source_name, variant)] = out
+    records = serve(list(outputs.values()), root, "--one-by-one")
+    return {key: (path, records[str(path)]) for key, path in outputs.items()}
+
+
+def serve(paths: list[Path], root: Path, *flags: str, need_tokens: bool = False) -> dict[str, dict]:
+    """`{checkpoint: vllm_generate's record}` for `paths`, all served one after another in one vLLM
+    process on PROMPTS (written to `root`); a checkpoint with no record (or, with `need_tokens`, an
+    error record) fails with vLLM's output."""
     prompts = root / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
     proc = subprocess.run([VLLM_PYTHON, "-m", "moepress.serving.vllm_generate", "--prompts", str(prompts),
-                           "--max-tokens", str(MAX_TOKENS), "--one-by-one", *map(str, outputs.values())],
+                           "--max-tokens", str(MAX_TOKENS), *flags, *map(str, paths)],
                           capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     records = {}
     for line in proc.stdout.splitlines():
         if line.startswith('{"model"'):
             record = json.loads(line)
             records[record["model"]] = record
-    missing = [str(p) for p in outputs.values() if str(p) not in records]
+    missing = [f"{p}: {records.get(str(p), {}).get('error', 'no record')}" for p in paths
+               if str(p) not in records or (need_tokens and "tokens" not in records[str(p)])]
     assert not missing, f"vLLM served no result for {missing}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return {key: (path, records[str(path)]) for key, path in outputs.items()}
+    return records
 
 
 def _transformers_greedy(model, prompt: list[int], use_cache: bool) -> list[int]:
