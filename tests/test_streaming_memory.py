@@ -42,3 +42,36 @@ def test_streamed_bfloat16_run_equals_resident_run(method, tokenizer, calib_file
     for key in a:
         assert a[key].dtype == b[key].dtype == torch.bfloat16 or not a[key].is_floating_point(), key
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_layers_input_states_are_freed_once_it_has_propagated(tokenizer, calib_file, monkeypatch):
+    """The loop holds one set of calibration hidden states at a time: the states captured at layer 0's
+    input are gone once layer 0 has produced layer 1's (a reference kept by the setup would double
+    the peak at real widths)."""
+    import gc
+    import weakref
+
+    from moepress.calib import build_calibration
+    from moepress.methods import build_method
+    from moepress.run import pipeline
+    from moepress.testing import tiny_model
+
+    model = tiny_model("mixtral", num_layers=3)
+    calibration = build_calibration(tokenizer, str(calib_file), samples=4, seq_len=16, seed=0)
+    captured = []
+    capture = pipeline.capture_layer_inputs
+
+    def capture_and_watch(*args, **kwargs):
+        hidden, layer_kwargs = capture(*args, **kwargs)
+        captured.extend(weakref.ref(h) for h in hidden)
+        return hidden, layer_kwargs
+
+    monkeypatch.setattr(pipeline, "capture_layer_inputs", capture_and_watch)
+    alive = {}
+
+    def progress(done, total, text):
+        gc.collect()
+        alive[done] = sum(ref() is not None for ref in captured)
+
+    pipeline.compress_layers(model, build_method("frequency", ratio=0.5), calibration, batch_size=2, progress=progress)
+    assert captured and alive[1] == 0, alive

@@ -97,6 +97,7 @@ def compress_layers(model: nn.Module, method: Method, calibration: CalibrationSe
     method.prepare(model, calibration, store=store, stats_cache=stats_cache if calibration is not None else None)
     loop = _LayerLoop(model, method, store, device, propagate, propagation, selected,
                       {} if plan is None else plan.experts, cache_plan, num_tokens, moe, hidden, kwargs)
+    del hidden  # the loop holds the states now: each layer's inputs are freed once its outputs exist
     records: dict[int, dict] = {}
     for i in range(len(layers)):
         record = loop.turn(i)
